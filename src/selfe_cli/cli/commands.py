@@ -1,0 +1,3 @@
+"""Imports every command module so that its commands register on the app."""
+
+from selfe_cli.cli import recipes_cmd  # noqa: F401

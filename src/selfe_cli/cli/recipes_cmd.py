@@ -1,0 +1,1 @@
+"""`selfe recipes` (filled in with the recipe loader)."""

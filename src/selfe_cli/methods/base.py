@@ -1,0 +1,45 @@
+"""What every training method provides to the training loop and the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from selfe_cli.models.conditioning import Cond
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, the quantity to backpropagate (already averaged over the batch)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for metrics
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The bare module under DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(net, nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        else:
+            return net
+
+
+class Method:
+    """A training objective on the two-time network ``net(x, t, r, cond)``.
+
+    ``loss`` draws its randomness from torch's global RNG, which the training loop seeds from
+    (seed, rank, step) before every step, so a resumed run draws the same numbers.
+    """
+
+    name = "method"
+
+    def loss(self, net: nn.Module, x0: torch.Tensor, cond: Cond, *, null_cond: Cond, step: int,
+             total_steps: int, ema_net: nn.Module | None = None) -> LossOutput:
+        raise NotImplementedError
+
+    def sampler_defaults(self) -> dict:
+        """Defaults for ``sampling.sample`` (e.g. ``{"r_mode": "next"}``)."""
+        return {"r_mode": "next"}
