@@ -1,0 +1,28 @@
+"""Training methods on the two-time network: registry by recipe name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from selfe_cli.methods.base import LossOutput, Method, unwrap
+from selfe_cli.methods.flow_matching import FlowMatching, FlowMatchingConfig
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    cls: type[Method]
+    config_class: type
+
+
+METHODS: dict[str, MethodEntry] = {
+    "flow_matching": MethodEntry(FlowMatching, FlowMatchingConfig),
+}
+
+
+def build_method(name: str, config: Any = None) -> Method:
+    entry = METHODS[name]
+    return entry.cls(config if config is not None else entry.config_class())
+
+
+__all__ = ["METHODS", "LossOutput", "Method", "MethodEntry", "build_method", "unwrap"]

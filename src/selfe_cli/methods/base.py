@@ -43,3 +43,19 @@ class Method:
     def sampler_defaults(self) -> dict:
         """Defaults for ``sampling.sample`` (e.g. ``{"r_mode": "next"}``)."""
         return {"r_mode": "next"}
+
+
+def drop_condition(cond: Cond, null_cond: Cond, p: float) -> tuple[Cond, torch.Tensor | None]:
+    """Replace each sample's condition by the null one with probability ``p`` (for guidance).
+
+    Returns the new condition and the boolean mask of dropped samples (None when unconditional).
+    """
+    from selfe_cli.models.conditioning import cond_batch_size, cond_where
+
+    n = cond_batch_size(cond)
+    if n is None:
+        return cond, None
+    dropped = torch.rand(n) < p
+    if p <= 0:
+        return cond, dropped
+    return cond_where(dropped, null_cond, cond), dropped

@@ -1,0 +1,54 @@
+"""`selfe sample PROMPT_OR_CLASS [--ckpt RUN_DIR] [--steps N] [--cfg W] [--seed S] [--n K] [--out PATH]`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from selfe_cli.cli.app import app
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "sample"
+
+
+@app.command()
+def sample(
+    prompt: Annotated[str | None, typer.Argument(help="A prompt (text models), a class index or name (class models); omit for unconditional models.")] = None,
+    ckpt: Annotated[str | None, typer.Option(help="Run directory. Default: the most recently trained run under ./runs.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps (network evaluations, x2 with CFG). Default: the recipe's sample.steps.")] = None,
+    cfg: Annotated[float | None, typer.Option(min=0.0, help="Classifier-free guidance scale (1 = off). Default: the recipe's sample.cfg_scale.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the first image; image i uses seed + i.")] = 0,
+    n: Annotated[int, typer.Option(min=1, help="Number of images.")] = 16,
+    out: Annotated[Path | None, typer.Option(help="Output folder (grid.png + one PNG per image). Default: outputs/<run>/<prompt>-<steps>steps/.")] = None,
+    weights: Annotated[str, typer.Option(help="'ema' (default), 'model', or an EMA decay such as 0.9999.")] = "ema",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+) -> None:
+    """Sample images from a trained run and write a grid plus the single images."""
+    from PIL import Image
+    from rich.console import Console
+
+    from selfe_cli.errors import UserError
+    from selfe_cli.sampling.generate import Generator, resolve_run_dir, save_grid
+
+    run_dir = resolve_run_dir(ckpt)
+    gen = Generator.from_run(run_dir, weights=weights, device=device)
+    if gen.cond_kind != "none" and prompt is None:
+        raise UserError(f"{run_dir}: this model is {gen.cond_kind}-conditional; give a "
+                        + ("prompt, e.g. selfe sample \"a red cube\"" if gen.cond_kind == "text" else "class index or name"))
+    if gen.cond_kind == "none" and prompt is not None:
+        Console(stderr=True).print(f"note: {run_dir} is unconditional; ignoring {prompt!r}")
+    conds = [prompt] * n if gen.cond_kind != "none" else None
+    steps = steps or gen.sample_cfg.steps
+    images = gen.generate(conds, [seed + i for i in range(n)], steps=steps, cfg_scale=cfg)
+    if out is None:
+        out = Path("outputs") / run_dir.name / f"{_slug(prompt or 'unconditional')}-{steps}steps"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img.numpy()).save(out / f"{seed + i:06d}.png")
+    grid = save_grid(images, out / "grid.png")
+    Console().print(f"wrote {grid} and {len(images)} images to {out}/ "
+                    f"({run_dir.name}, {steps} step{'s' if steps != 1 else ''})")

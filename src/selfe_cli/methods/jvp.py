@@ -1,0 +1,266 @@
+"""Forward-mode Jacobian-vector products of a network, exact, cheap and safe under DDP.
+
+Why forward-mode dual tensors (``torch.autograd.forward_ad``) and not ``torch.func.jvp``:
+  * dual tensors flow through ``DistributedDataParallel.forward`` like ordinary tensors, so the
+    reducer sees the primal's autograd graph and all-reduces the gradients on ``backward``.
+    ``torch.func.jvp`` cannot trace through the DDP wrapper (pytorch #102197) and on
+    ``ddp.module`` it silently skips the all-reduce;
+  * PyTorch's forward-mode rules for ``convolution`` / ``linear`` treat an undefined weight tangent
+    as a (materialised) zero tensor and run a second full-size op on it: measured on 2 CPU cores a
+    dual conv costs 2.5 plain convs and a dual linear 6 (func.jvp: 4.5 for conv). ``TangentOps``
+    intercepts these ops while a dual pass runs and computes the tangent as one op on the input
+    tangent (``W x_t``: the weights are constants for the JVP), without autograd graph.
+
+The tangent this module returns is always detached: MeanFlow puts the whole target under
+stop-gradient, so no backward graph is needed through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+# Ops that are linear in their input for fixed (weight, bias): tangent = op(x_t, weight, no bias).
+# All take (input, weight, bias, *rest) positionally.
+_LINEAR_IN_INPUT = {
+    F.linear, torch.conv1d, torch.conv2d, torch.conv3d,
+    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+}
+_FAST_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                  SDPBackend.MATH]
+
+
+def _tangent_of(x: Any) -> torch.Tensor | None:
+    if not isinstance(x, torch.Tensor):
+        return None
+    return fwAD.unpack_dual(x).tangent
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list[Any]:
+    """Positional + keyword arguments -> values in ``names`` order (defaults fill the rest)."""
+    out = list(args) + [kwargs[n] if n in kwargs else d for n, d in zip(names[len(args):], defaults[len(args):], strict=True)]
+    return out
+
+
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """Tangent math in fp32 at least (bf16/fp16 activations), float64 kept (exact tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _norm_tangent(xp: torch.Tensor, xt: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """Tangent of (x - mean) / sqrt(var + eps) over ``dims``: rstd (dx - mean(dx) - x^ mean(x^ dx))."""
+    xp, xt = _f(xp), _f(xt)
+    mean = xp.mean(dims, keepdim=True)
+    rstd = (xp.var(dims, unbiased=False, keepdim=True) + eps).rsqrt()
+    xhat = (xp - mean) * rstd
+    return rstd * (xt - xt.mean(dims, keepdim=True) - xhat * (xhat * xt).mean(dims, keepdim=True))
+
+
+def _group_norm(xp, xt, num_groups, weight, bias, eps):  # noqa: ANN001, ANN202
+    n, c = xp.shape[:2]
+    grouped = _norm_tangent(xp.reshape(n, num_groups, -1), xt.reshape(n, num_groups, -1), (-1,), eps)
+    dy = grouped.reshape(xt.shape)
+    if weight is not None:
+        dy = dy * _f(weight).view(1, c, *[1] * (xp.dim() - 2))
+    return dy
+
+
+def _layer_norm(xp, xt, shape, weight, bias, eps):  # noqa: ANN001, ANN202
+    dy = _norm_tangent(xp, xt, tuple(range(-len(shape), 0)), eps)
+    return dy * _f(weight) if weight is not None else dy
+
+
+def _silu(xp, xt):  # noqa: ANN001, ANN202
+    s = torch.sigmoid(_f(xp))
+    return _f(xt) * s * (1 + _f(xp) * (1 - s))
+
+
+def _gelu(xp, xt, approximate):  # noqa: ANN001, ANN202
+    x = _f(xp)
+    if approximate == "tanh":
+        k = math.sqrt(2 / math.pi)
+        th = torch.tanh(k * (x + 0.044715 * x ** 3))
+        d = 0.5 * (1 + th) + 0.5 * x * (1 - th ** 2) * k * (1 + 3 * 0.044715 * x ** 2)
+    else:
+        d = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)
+    return _f(xt) * d
+
+
+def _attention_tangent(q, k, v, dq, dk, dv, mask, is_causal, scale):  # noqa: ANN001, ANN202
+    """d softmax(q k^T s + m) v = dP v + P dv, dP = P (dS - rowsum(P dS)), dS = s (dq k^T + q dk^T)."""
+    q, k, v = _f(q), _f(k), _f(v)
+    scores = q @ k.transpose(-2, -1) * scale  # (..., L, S)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + _f(mask)
+    probs = scores.softmax(-1)  # (..., L, S)
+    d_scores = torch.zeros_like(scores)
+    if dq is not None:
+        d_scores = d_scores + _f(dq) @ k.transpose(-2, -1) * scale
+    if dk is not None:
+        d_scores = d_scores + q @ _f(dk).transpose(-2, -1) * scale
+    d_probs = probs * (d_scores - (probs * d_scores).sum(-1, keepdim=True))
+    out = d_probs @ v
+    if dv is not None:
+        out = out + probs @ _f(dv)
+    return out
+
+
+class TangentOps(TorchFunctionMode):
+    """Inside a ``fwAD.dual_level``: exact tangent rules for the common layers, computed without graph.
+
+    PyTorch's built-in forward-mode rules are exact but slow here: they materialise zero tangents for
+    the weights (conv, linear, norms) and, when the primal needs grad, record every tangent op in the
+    autograd graph although MeanFlow never back-propagates through the tangent. For conv / linear /
+    group_norm / layer_norm / silu / gelu / scaled_dot_product_attention with a dual input and
+    constant (non-dual) weights, the primal is computed by the op itself (with its autograd graph;
+    attention may use the fast kernels) and the tangent by its closed form under ``no_grad``.
+    Anything else falls through to PyTorch's own rules, so the result is exact either way
+    (``tests/methods/test_meanflow.py`` compares both paths and finite differences).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        rule = _RULES.get(func)
+        if rule is None:
+            return func(*args, **kwargs)
+        return rule(func, args, kwargs)
+
+
+def _dual(out: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    return fwAD.make_dual(out, tangent.to(out.dtype))
+
+
+def _linear_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    args = list(args)
+    for i, name in enumerate(("input", "weight", "bias")):  # keyword input/weight/bias -> positions
+        if name in kwargs and len(args) == i:
+            args.append(kwargs.pop(name))
+    if len(args) < 2:
+        return func(*args, **kwargs)
+    if len(args) < 3:
+        args.append(kwargs.pop("bias", None))
+    x, weight, bias = args[0], args[1], args[2]
+    primal, x_tangent = fwAD.unpack_dual(x)
+    if x_tangent is None or _tangent_of(weight) is not None or _tangent_of(bias) is not None:
+        return func(*args, **kwargs)
+    out = func(primal, weight, bias, *args[3:], **kwargs)
+    with torch.no_grad():
+        tangent = func(x_tangent, weight, None, *args[3:], **kwargs)
+    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
+def _norm_rule(names, defaults, tangent_fn):  # noqa: ANN001, ANN202
+    def rule(func, args, kwargs):  # noqa: ANN001, ANN202
+        bound = _bind(args, kwargs, names, defaults)
+        x = bound[0]
+        primal, x_tangent = fwAD.unpack_dual(x)
+        if x_tangent is None or any(_tangent_of(a) is not None for a in bound[1:]):
+            return func(*args, **kwargs)
+        out = func(primal, *bound[1:])
+        with torch.no_grad():
+            tangent = tangent_fn(primal, x_tangent, *bound[1:])
+        return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+    return rule
+
+
+def _silu_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    x, inplace = _bind(args, kwargs, ("input", "inplace"), (None, False))
+    primal, x_tangent = fwAD.unpack_dual(x)
+    if x_tangent is None or inplace:
+        return func(*args, **kwargs)
+    out = func(primal)
+    with torch.no_grad():
+        tangent = _silu(primal, x_tangent)
+    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
+def _gelu_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    x, approximate = _bind(args, kwargs, ("input", "approximate"), (None, "none"))
+    primal, x_tangent = fwAD.unpack_dual(x)
+    if x_tangent is None:
+        return func(*args, **kwargs)
+    out = func(primal, approximate=approximate)
+    with torch.no_grad():
+        tangent = _gelu(primal, x_tangent, approximate)
+    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
+def _sdpa_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    q, k, v, mask, dropout_p, is_causal, scale, gqa = _bind(args, kwargs, names,
+                                                            (None, None, None, None, 0.0, False, None, False))
+    (qp, dq), (kp, dk), (vp, dv) = (fwAD.unpack_dual(a) for a in (q, k, v))
+    if (dq is None and dk is None and dv is None) or dropout_p or gqa or _tangent_of(mask) is not None \
+            or qp.shape[:-2] != kp.shape[:-2]:
+        return func(*args, **kwargs)  # PyTorch's rule (MATH kernel, forced by dual_jvp)
+    scale = scale if scale is not None else 1.0 / math.sqrt(qp.shape[-1])
+    with sdpa_kernel(_FAST_BACKENDS):  # the primal (with its graph) may use flash / efficient kernels
+        out = func(qp, kp, vp, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
+    with torch.no_grad():
+        tangent = _attention_tangent(qp, kp, vp, dq, dk, dv, mask, is_causal, scale)
+    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
+_RULES = {f: _linear_rule for f in _LINEAR_IN_INPUT}
+_RULES.update({
+    F.group_norm: _norm_rule(("input", "num_groups", "weight", "bias", "eps"), (None, None, None, None, 1e-5),
+                             _group_norm),
+    F.layer_norm: _norm_rule(("input", "normalized_shape", "weight", "bias", "eps"), (None, None, None, None, 1e-5),
+                             _layer_norm),
+    F.silu: _silu_rule,
+    F.gelu: _gelu_rule,
+    F.scaled_dot_product_attention: _sdpa_rule,
+})
+
+
+JvpDtype = Literal["float32", "bfloat16"]
+
+
+@contextlib.contextmanager
+def jvp_precision(device: torch.device, dtype: JvpDtype) -> Iterator[None]:
+    """Run the JVP in fp32 (autocast off) or bf16 autocast, whatever the surrounding autocast is.
+
+    fp16 is not offered: MeanFlow ports report NaN losses with it (SPEC §2).
+    """
+    if dtype == "float32":
+        with torch.autocast(device.type, enabled=False):
+            yield
+    else:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=True):
+            yield
+
+
+def dual_jvp(fn: Callable[..., torch.Tensor], primals: Sequence[Any],
+             tangents: Sequence[torch.Tensor | None], *, fast_linear_tangents: bool = True,
+             math_sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fn(*primals), J fn . tangents)`` by forward-mode AD; ``None`` tangents are zero.
+
+    Non-tensor primals (conditions, dicts) pass through unchanged. The primal output keeps its
+    autograd graph when grad mode is on (so ``fn`` may be a DDP wrapper); the tangent is detached.
+    Attention runs on the MATH SDPA kernel (flash / memory-efficient kernels have no forward AD).
+    """
+    if len(primals) != len(tangents):
+        raise ValueError(f"{len(primals)} primals but {len(tangents)} tangents")
+    mode = TangentOps() if fast_linear_tangents else contextlib.nullcontext()
+    attention = sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext()
+    with fwAD.dual_level(), attention, mode:
+        args = [p if d is None else fwAD.make_dual(p, d.to(p.dtype)) for p, d in zip(primals, tangents, strict=True)]
+        out = fn(*args)
+        primal, tangent = fwAD.unpack_dual(out)
+    if tangent is None:  # the output does not depend on the perturbed inputs
+        tangent = torch.zeros_like(primal)
+    return primal, tangent.detach()
+
+
+__all__ = ["JvpDtype", "TangentOps", "dual_jvp", "jvp_precision"]

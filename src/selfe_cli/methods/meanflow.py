@@ -1,0 +1,298 @@
+"""MeanFlow (SPEC §2; Geng et al. 2025, arXiv 2505.13447): one-step generation from the average velocity.
+
+The two-time network ``net(z, t, r, c)`` is trained on the MeanFlow identity [6]
+``u(z, r, t) = v(z, t) - (t - r) du/dt`` with ``du/dt = v d_z u + d_t u`` (Algorithm 1): the total
+derivative is the JVP of the network along the tangent ``(dz, dr, dt) = (v, 0, 1)``, and the whole
+target ``u_tgt = v - (t - r) du/dt`` is under stop-gradient.
+
+How the JVP is computed (``selfe_cli.methods.jvp``), and why it is correct under DDP:
+  * default ("dual") mode: forward-mode dual tensors go through the network *as passed in*, i.e.
+    through ``DistributedDataParallel.forward``: one pass gives ``u`` with its autograd graph (which
+    the DDP reducer sees, so ``backward`` all-reduces the gradients) and the tangent ``du/dt``;
+  * ``memory_saving`` mode: the JVP runs under ``no_grad`` on the bare module (no graph at all),
+    then an ordinary forward with grad through the (DDP) net gives ``u``; the RNG state is forked
+    around the JVP so dropout draws the same masks in both passes. One more forward, less memory.
+    With ``jvp_only_r_neq_t`` the JVP runs only on the rows with ``r != t``: for the others the
+    target is exactly ``v`` because ``(t - r) = 0``, so with 25% of rows (ImageNet) most of the JVP
+    cost goes away. Needs a network without active dropout (the masks could not match).
+  * a DDP wrapper with ``find_unused_parameters`` / ``static_graph`` inserts an autograd Function
+    without a forward-AD rule into its forward: the memory-saving path is used automatically.
+The 2-process gloo tests in ``tests/methods/test_meanflow_ddp.py`` check both modes against the
+single-process gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfe_cli.config import spec
+from selfe_cli.errors import UserError
+from selfe_cli.methods.base import LossOutput, Method, drop_condition, unwrap
+from selfe_cli.methods.jvp import JvpDtype, dual_jvp, jvp_precision
+from selfe_cli.methods.paths import TimeSamplerConfig, bcast, interpolate, sample_time, velocity
+from selfe_cli.models.conditioning import Cond, cond_cat, cond_index
+
+
+def _lognorm(mean: float, std: float) -> TimeSamplerConfig:
+    return TimeSamplerConfig(kind="logit_normal", mean=mean, std=std)
+
+
+@dataclass
+class MeanFlowGuidanceConfig:
+    """CFG trained into the target [19, 21]: ``v~ = w v + kappa u(z,t,t|c) + (1 - w - kappa) u(z,t,t|null)``.
+
+    ``w = 1, kappa = 0`` (the default) is no guidance. Effective scale ``w' = w / (1 - kappa)``.
+    """
+
+    w: float = field(default=1.0, metadata=spec(ge=0, help="weight of the conditional velocity v in the guided target"))
+    kappa: float = field(default=0.0, metadata=spec(ge=0, lt=1, help="weight of the network's own u(z,t,t|c)"))
+    t_min: float = field(default=0.0, metadata=spec(ge=0, le=1, help="guide only for t in [t_min, t_max]"))
+    t_max: float = field(default=1.0, metadata=spec(ge=0, le=1, help="guide only for t in [t_min, t_max]"))
+
+    def __post_init__(self) -> None:
+        if self.t_min > self.t_max:
+            raise ValueError(f"guidance.t_min ({self.t_min}) exceeds guidance.t_max ({self.t_max})")
+
+    @property
+    def active(self) -> bool:
+        return self.w != 1.0 or self.kappa != 0.0
+
+    @property
+    def effective_scale(self) -> float:
+        return self.w / (1.0 - self.kappa)
+
+
+@dataclass
+class MeanFlowConfig:
+    """The recipe's ``method:`` section. Defaults: the paper's ImageNet-256 configuration."""
+
+    time_sampler_t: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="distribution of the first time draw"))
+    time_sampler_r: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="distribution of the second time draw"))
+    ratio_r_neq_t: float = field(
+        default=0.25, metadata=spec(ge=0, le=1, help="fraction of the batch with r != t (others: r = t, flow matching)"))
+    mask_before_minmax: bool = field(
+        default=False, metadata=spec(help="apply the r = t mask before t = max, r = min (the authors' improved CIFAR config)"))
+    weight_p: float = field(default=1.0, metadata=spec(ge=0, help="adaptive weight power p (0: plain squared error)"))
+    weight_c: float = field(
+        default=1e-3, metadata=spec(gt=0, help="adaptive weight constant c (paper text 1e-3; official JAX code 0.01)"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
+    guidance: MeanFlowGuidanceConfig = field(
+        default_factory=MeanFlowGuidanceConfig, metadata=spec(help="CFG trained into the target"))
+    jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP pass, whatever the training precision"))
+    memory_saving: bool = field(
+        default=False, metadata=spec(help="JVP under no_grad, then a separate forward with grad (less memory, one more forward)"))
+    jvp_only_r_neq_t: bool = field(
+        default=False, metadata=spec(help="memory_saving only: run the JVP on the r != t rows only (needs no dropout)"))
+
+    def __post_init__(self) -> None:
+        if self.jvp_only_r_neq_t and not self.memory_saving:
+            raise ValueError("jvp_only_r_neq_t: true needs memory_saving: true")
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def count_r_neq_t(n: int, ratio: float) -> int:
+    """Rows with r != t: ``ratio * n`` rounded stochastically (exact when integral, unbiased otherwise)."""
+    exact = ratio * n
+    k = math.floor(exact + 1e-9)
+    frac = exact - k
+    if frac > 1e-9 and torch.rand(()).item() < frac:
+        k += 1
+    return min(k, n)
+
+
+def sample_t_r(cfg: MeanFlowConfig, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, r)``, each ``(N,)`` with ``r <= t``; the first ``count_r_neq_t`` rows may have r < t.
+
+    Paper (Algorithm 1 / official code): draw two times, ``t = max``, ``r = min``, then set ``r = t``
+    on (1 - ratio) of the batch. ``mask_before_minmax``: set the second draw to the first on those
+    rows *before* max/min, so r = t rows keep the first sampler's distribution (improved CIFAR).
+    Rows are i.i.d., so taking the first k rows is the same as a random subset.
+    """
+    a = sample_time(cfg.time_sampler_t, n, device)  # (N,)
+    b = sample_time(cfg.time_sampler_r, n, device)  # (N,)
+    neq = torch.arange(n, device=device) < count_r_neq_t(n, cfg.ratio_r_neq_t)
+    if cfg.mask_before_minmax:
+        b = torch.where(neq, b, a)
+        return torch.maximum(a, b), torch.minimum(a, b)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    return t, torch.where(neq, r, t)
+
+
+def adaptive_weight(sq_norm: torch.Tensor, p: float, c: float) -> torch.Tensor:
+    """``w = 1 / (||delta||^2 + c)^p`` per sample, detached (the loss is ``sg(w) ||delta||^2``)."""
+    return (sq_norm.detach() + c).pow(-p)
+
+
+def guided_velocity(v: torch.Tensor, u_cond: torch.Tensor, u_null: torch.Tensor, w: float,
+                    kappa: float) -> torch.Tensor:
+    """``v~ = w v + kappa u(z,t,t|c) + (1 - w - kappa) u(z,t,t|null)`` (SPEC §2 [19, 21])."""
+    return w * v + kappa * u_cond + (1.0 - w - kappa) * u_null
+
+
+def guidance_rows(t: torch.Tensor, dropped: torch.Tensor | None, cfg: MeanFlowGuidanceConfig) -> torch.Tensor:
+    """Rows that get the guided velocity: t in [t_min, t_max] and label kept (bool ``(N,)``)."""
+    rows = (t >= cfg.t_min) & (t <= cfg.t_max)
+    if dropped is not None:
+        rows = rows & ~dropped.to(t.device)
+    return rows
+
+
+def _has_active_dropout(net: nn.Module) -> bool:
+    return net.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+
+
+def _uses_ddp_sink(net: nn.Module) -> bool:
+    """DDP inserts ``_DDPSink`` (no forward-AD rule) with find_unused_parameters / static_graph."""
+    return isinstance(net, nn.parallel.DistributedDataParallel) and bool(
+        net.find_unused_parameters or getattr(net, "static_graph", False))
+
+
+def _jvp_input(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 activations go into the JVP as fp32 (float64 stays float64 for tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class MeanFlow(Method):
+    """MeanFlow loss (Algorithm 1) with adaptive weighting, CFG-in-target and DDP-safe JVPs."""
+
+    name = "meanflow"
+
+    def __init__(self, config: MeanFlowConfig | None = None):
+        self.config = config or MeanFlowConfig()
+
+    def sampler_defaults(self) -> dict:
+        # Algorithm 2: each step lands at the next grid time, x_r = x_t - (t - r) u(x_t, r, t).
+        return {"r_mode": "next"}
+
+    # -- target ------------------------------------------------------------------------------
+
+    def guided_tangent(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor, cond: Cond,
+                       null_cond: Cond, dropped: torch.Tensor | None) -> torch.Tensor:
+        """The velocity used as JVP tangent and in the target: ``v~`` on guided rows, else ``v``."""
+        g = self.config.guidance
+        if not g.active or cond is None:
+            return v
+        rows = guidance_rows(t, dropped, g).nonzero().squeeze(1)  # (K,)
+        if rows.numel() == 0:
+            return v
+        zk, tk = _jvp_input(z.index_select(0, rows)), t.index_select(0, rows)
+        both_cond = cond_cat(cond_index(cond, rows), cond_index(null_cond, rows))
+        with torch.no_grad(), jvp_precision(z.device, self.config.jvp_dtype):
+            # One batched call for both branches, on the bare module (no graph, no DDP hooks).
+            both = unwrap(net)(torch.cat([zk, zk]), torch.cat([tk, tk]), torch.cat([tk, tk]), both_cond)
+        u_cond, u_null = both.to(v.dtype).chunk(2)  # (K, ...) each
+        guided = guided_velocity(v.index_select(0, rows), u_cond, u_null, g.w, g.kappa)
+        return v.index_copy(0, rows, guided)
+
+    def u_and_target(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Cond,
+                     v_tan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u = net(z, t, r, c)`` (with grad) and ``u_tgt = v - (t - r) du/dt`` (detached).
+
+        ``du/dt`` is the JVP along ``(dz, dr, dt) = (v_tan, 0, 1)``.
+        """
+        cfg = self.config
+        dt = torch.ones_like(t)
+        if not (cfg.memory_saving or _uses_ddp_sink(net)):
+            with jvp_precision(z.device, cfg.jvp_dtype):
+                u, dudt = dual_jvp(net, (_jvp_input(z), t, r, cond), (v_tan, dt, None, None))
+        else:
+            bare = unwrap(net)
+            if cfg.jvp_only_r_neq_t:
+                if _has_active_dropout(bare):
+                    raise UserError("method.jvp_only_r_neq_t: the network has active dropout, so the JVP "
+                                    "rows cannot reuse the training forward's masks; set it to false")
+                rows = (r != t).nonzero().squeeze(1)  # (K,)
+            else:
+                rows = None
+            devices = [z.device] if z.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices, device_type=z.device.type), torch.no_grad(), \
+                    jvp_precision(z.device, cfg.jvp_dtype):
+                if rows is None:
+                    _, dudt = dual_jvp(bare, (_jvp_input(z), t, r, cond), (v_tan, dt, None, None))
+                elif rows.numel() > 0:
+                    _, sub = dual_jvp(bare, (_jvp_input(z.index_select(0, rows)), t.index_select(0, rows),
+                                             r.index_select(0, rows), cond_index(cond, rows)),
+                                      (v_tan.index_select(0, rows), dt.index_select(0, rows), None, None))
+            # RNG restored: this forward draws the same dropout masks as the JVP pass did.
+            u = net(z, t, r, cond)
+            if rows is not None:
+                dudt = torch.zeros_like(v_tan)
+                if rows.numel() > 0:
+                    dudt = dudt.index_copy(0, rows, sub.to(dudt.dtype))
+        u_tgt = v_tan - bcast(t - r, v_tan) * dudt.to(v_tan.dtype)  # MeanFlow identity [6]
+        return u, u_tgt.detach()
+
+    # -- loss --------------------------------------------------------------------------------
+
+    def loss_from(self, net: nn.Module, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                  cond: Cond, null_cond: Cond = None, dropped: torch.Tensor | None = None) -> LossOutput:
+        """The loss for given noise, times and dropout mask (``loss`` draws them). Deterministic.
+
+        ``cond`` is the true condition; rows where ``dropped`` is set are fed ``null_cond``.
+        """
+        cfg = self.config
+        z = interpolate(x0, eps, t)  # (N, C, H, W)
+        v = velocity(x0, eps)  # (N, C, H, W)
+        cond_in = cond
+        if dropped is not None and cond is not None:
+            from selfe_cli.models.conditioning import cond_where
+            cond_in = cond_where(dropped, null_cond, cond)
+        v_tan = self.guided_tangent(net, z, t, v, cond, null_cond, dropped)
+        u, u_tgt = self.u_and_target(net, z, t, r, cond_in, v_tan)
+        work = torch.promote_types(u.dtype, torch.float32)  # bf16 outputs: the loss in fp32 (float64 stays)
+        delta = u.to(work) - u_tgt.to(work)  # (N, C, H, W)
+        sq = delta.pow(2).flatten(1).sum(1)  # (N,) per-sample SUM of squares (SPEC §2)
+        w = adaptive_weight(sq, cfg.weight_p, cfg.weight_c)  # (N,)
+        loss = (w * sq).mean()
+        return LossOutput(loss, self._logs(loss, delta, w, t, r))
+
+    def loss(self, net: nn.Module, x0: torch.Tensor, cond: Cond, *, null_cond: Cond, step: int,
+             total_steps: int, ema_net: nn.Module | None = None) -> LossOutput:
+        t, r = sample_t_r(self.config, x0.shape[0], x0.device)  # (N,), (N,)
+        eps = torch.randn_like(x0)
+        dropped = None
+        if cond is not None:
+            _, dropped = drop_condition(cond, null_cond, self.config.cond_dropout)
+        return self.loss_from(net, x0, eps, t, r, cond, null_cond, dropped)
+
+    @staticmethod
+    def _logs(loss: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, t: torch.Tensor,
+              r: torch.Tensor) -> dict[str, torch.Tensor]:
+        per_sample = delta.detach().pow(2).flatten(1).mean(1)  # (N,) element mean, comparable to FM's mse
+        neq = (r != t).float()
+        eq = 1.0 - neq
+
+        def masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return (x * m).sum() / m.sum().clamp(min=1)
+
+        return {
+            "loss": loss.detach(),
+            "mse": per_sample.mean(),
+            "mse_r_eq_t": masked_mean(per_sample, eq),
+            "mse_r_neq_t": masked_mean(per_sample, neq),
+            "frac_r_neq_t": neq.mean(),
+            "adaptive_weight": w.detach().mean(),
+        }
+
+
+def meanflow_config(**overrides: Any) -> MeanFlowConfig:
+    """A config from keyword overrides, validated like a recipe section (for scripts and tests)."""
+    from selfe_cli.config import from_dict
+
+    return from_dict(MeanFlowConfig, overrides, "method")
+
+
+__all__ = ["MeanFlow", "MeanFlowConfig", "MeanFlowGuidanceConfig", "adaptive_weight", "count_r_neq_t",
+           "guidance_rows", "guided_velocity", "meanflow_config", "sample_t_r"]

@@ -1,0 +1,136 @@
+"""The two-time network contract and the condition embedder every network shares.
+
+``TwoTimeModel.forward(x, t, r, cond=None) -> Tensor`` shaped like ``x``; ``t``, ``r`` float (N,) in
+[0, 1], ``r <= t``; the output is read as the average velocity over [r, t] (SPEC §0). Subclasses are
+``diffusers`` ``ModelMixin`` + ``ConfigMixin`` models (``@register_to_config`` on ``__init__``), so
+``save_pretrained`` / ``from_pretrained`` round-trip through ``config.json`` + safetensors. Every
+subclass is recorded in ``MODEL_CLASSES`` by class name, which is what ``load_model`` reads from
+``config.json``'s ``_class_name``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from torch import nn
+
+from selfe_cli.models.conditioning import Cond
+from selfe_cli.models.embeddings import attention_backend
+from selfe_cli.models.text import TinyTextEncoder, null_input_ids
+
+ConditionKind = Literal["none", "class", "text"]
+TextEncoderKind = Literal["tiny", "external"]
+
+MODEL_CLASSES: dict[str, type[TwoTimeModel]] = {}
+
+__all__ = ["MODEL_CLASSES", "ConditionEmbedder", "TwoTimeModel", "attention_backend"]
+
+
+class TwoTimeModel(ModelMixin, ConfigMixin):
+    """Base class of every network ``net(x, t, r, cond)``.
+
+    Attributes set by subclasses: ``cond_kind`` ("none" | "class" | "text"), ``in_channels``,
+    ``sample_size``; ``text_encoder`` ("tiny" | "external") for text models.
+    """
+
+    cond_kind: str = "none"
+    in_channels: int
+    sample_size: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        MODEL_CLASSES[cls.__name__] = cls
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def null_condition(self, n: int, device: torch.device | str = "cpu") -> Cond:
+        """The model's own null condition when it can make it (labels, built-in text encoder)."""
+        return self.cond_embedder.null(n, device)
+
+
+class ConditionEmbedder(nn.Module):
+    """Condition -> (vector added to the time embedding, token context, context mask).
+
+    - ``"class"``: ``LongTensor (N,)``, a table with ``num_classes + 1`` rows (the last is the learned
+      null label). ``cond=None`` means the null label.
+    - ``"text"`` with ``text_encoder="tiny"``: ``{"input_ids": (N, L)}`` through an owned, jointly trained
+      ``TinyTextEncoder``; ``cond=None`` means the empty prompt.
+    - ``"text"`` with ``text_encoder="external"``: ``{"context": (N, L, context_dim), "mask": (N, L),
+      "pooled": (N, pooled_dim)}`` from frozen encoders; the null is the encoders' empty prompt, which
+      only the caller can compute, so ``cond`` is required.
+
+    The pooled text vector goes through an MLP into ``emb_dim``; the token context is projected by an MLP
+    to ``context_width`` (once, shared by every cross-attention layer: cheaper than a 4096-wide K/V per
+    layer for T5 features).
+    """
+
+    def __init__(self, condition: str, emb_dim: int, *, num_classes: int = 0, text_encoder: str = "tiny",
+                 text_width: int = 256, text_layers: int = 4, text_heads: int = 4, context_dim: int = 0,
+                 pooled_dim: int = 0, context_width: int = 0, use_context: bool = True):
+        super().__init__()
+        if condition not in ("none", "class", "text"):
+            raise ValueError(f"condition must be 'none', 'class' or 'text', got {condition!r}")
+        self.condition, self.text_encoder_kind = condition, text_encoder
+        self.num_classes = num_classes
+        self.use_context = use_context and condition == "text"
+        if condition == "class":
+            if num_classes < 1:
+                raise ValueError(f"a class-conditional model needs num_classes >= 1, got {num_classes}")
+            self.label_embedding = nn.Embedding(num_classes + 1, emb_dim)  # row num_classes = null label
+            nn.init.normal_(self.label_embedding.weight, std=0.02)
+        elif condition == "text":
+            if text_encoder == "tiny":
+                self.text_encoder = TinyTextEncoder(text_width, text_layers, text_heads)
+                context_dim = pooled_dim = text_width
+            elif text_encoder == "external":
+                if context_dim < 1 or pooled_dim < 1:
+                    raise ValueError("text_encoder='external' needs context_dim >= 1 and pooled_dim >= 1")
+            else:
+                raise ValueError(f"text_encoder must be 'tiny' or 'external', got {text_encoder!r}")
+            self.pooled_proj = nn.Sequential(nn.Linear(pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            if self.use_context:
+                self.context_proj = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, context_width),
+                                                  nn.GELU(approximate="tanh"),
+                                                  nn.Linear(context_width, context_width))
+
+    def null(self, n: int, device: torch.device | str = "cpu") -> Cond:
+        if self.condition == "none":
+            return None
+        if self.condition == "class":
+            return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
+        if self.text_encoder_kind == "tiny":
+            return {"input_ids": null_input_ids(n, device=device)}
+        raise ValueError("a model with text_encoder='external' needs its null condition (the frozen encoders' "
+                         "features of the empty prompt) from the caller")
+
+    def forward(self, cond: Cond, n: int, device: torch.device
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if self.condition == "none":
+            if cond is not None:
+                raise ValueError("this model is unconditional (condition='none') but got a condition")
+            return None, None, None
+        if cond is None:
+            cond = self.null(n, device)
+        if self.condition == "class":
+            if not isinstance(cond, torch.Tensor) or cond.dim() != 1:
+                raise ValueError("a class-conditional model takes a LongTensor (N,) of labels")
+            return self.label_embedding(cond.long()), None, None  # (N, E)
+        if not isinstance(cond, dict):
+            raise ValueError("a text-conditional model takes a dict condition")
+        if self.text_encoder_kind == "tiny":
+            if "input_ids" not in cond:
+                raise ValueError("text_encoder='tiny' takes {'input_ids': LongTensor (N, L)}")
+            context, mask, pooled = self.text_encoder(cond["input_ids"])
+        else:
+            missing = {"context", "mask", "pooled"} - set(cond)
+            if missing:
+                raise ValueError(f"text_encoder='external' takes context, mask and pooled; missing {sorted(missing)}")
+            context, mask, pooled = cond["context"], cond["mask"].bool(), cond["pooled"]
+        weight_dtype = self.pooled_proj[0].weight.dtype
+        emb = self.pooled_proj(pooled.to(weight_dtype))  # (N, E)
+        if not self.use_context:
+            return emb, None, None
+        return emb, self.context_proj(context.to(weight_dtype)), mask  # (N, E), (N, L, Cw), (N, L)

@@ -1,0 +1,83 @@
+"""The recipe: typed sections validated from YAML. See README "Recipe reference"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from selfe_cli.config import spec
+
+
+@dataclass
+class RunConfig:
+    name: str | None = field(default=None, metadata=spec(help="run name; default: the recipe file's stem"))
+    dir: str | None = field(default=None, metadata=spec(help="run directory; default: runs/<name>"))
+    seed: int = field(default=0, metadata=spec(ge=0, help="seed of all randomness (data order, noise, init)"))
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = field(default=1000, metadata=spec(ge=1, help="optimiser steps in the whole run"))
+    batch_size: int = field(default=64, metadata=spec(ge=1, help="global batch: all ranks and accumulation rounds"))
+    grad_accum_rounds: int = field(default=1, metadata=spec(ge=1, help="micro-batches per step on each rank"))
+    optimizer: Literal["adam", "adamw"] = field(default="adam", metadata=spec(help="Adam or AdamW (decoupled decay)"))
+    lr: float = field(default=1e-4, metadata=spec(gt=0, help="peak learning rate"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=spec(help="Adam betas"))
+    eps: float = field(default=1e-8, metadata=spec(gt=0, help="Adam epsilon"))
+    weight_decay: float = field(default=0.0, metadata=spec(ge=0, help="weight decay"))
+    warmup_steps: int = field(default=0, metadata=spec(ge=0, help="linear learning-rate warm-up from 0"))
+    lr_schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata=spec(help="decay after warm-up, down to final_lr at total_steps"))
+    final_lr: float = field(default=0.0, metadata=spec(ge=0, help="learning rate at the end of linear/cosine decay"))
+    grad_clip: float | None = field(default=1.0, metadata=spec(gt=0, help="max global gradient norm; null: off"))
+    ema_decays: list[float] = field(default_factory=lambda: [0.999],
+                                    metadata=spec(ge=0, lt=1, help="one EMA copy per decay; the first is used to sample"))
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=spec(help="bf16: autocast on CUDA, fp32 weights"))
+    compile: bool = field(default=False, metadata=spec(help="torch.compile the network"))
+    log_every_steps: int = field(default=50, metadata=spec(ge=1, help="metrics.jsonl / TensorBoard interval"))
+    checkpoint_every_steps: int = field(default=500, metadata=spec(ge=1, help="checkpoint interval"))
+    keep_checkpoints: int = field(default=2, metadata=spec(ge=1, help="how many recent checkpoints to keep"))
+    sample_every_steps: int = field(default=1000, metadata=spec(ge=0, help="sample-grid interval (0: only at the end)"))
+    max_nonfinite_in_a_row: int = field(default=20, metadata=spec(ge=1, help="stop after this many skipped non-finite steps in a row"))
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds total_steps ({self.total_steps})")
+        if not self.ema_decays:
+            raise ValueError("ema_decays: expected at least one decay")
+
+
+@dataclass
+class SampleConfig:
+    steps: int = field(default=50, metadata=spec(ge=1, help="default number of sampling steps"))
+    cfg_scale: float = field(default=1.0, metadata=spec(ge=0, help="classifier-free guidance scale (1: off)"))
+    guidance: Literal["standard", "energy"] = field(default="standard", metadata=spec(help="CFG combination rule"))
+    r_mode: str | None = field(default=None, metadata=spec(help="landing time per step: next | same | mid; null: method default"))
+    shift: float = field(default=1.0, metadata=spec(gt=0, help="time-grid shift s: t -> s t / (1 + (s - 1) t)"))
+    eta: float = field(default=0.0, metadata=spec(ge=0, le=1, help="stochastic (DDIM-style) update strength"))
+    grid_size: int = field(default=16, metadata=spec(ge=1, help="images in the training sample grids"))
+    grid_prompts: list[str] = field(default_factory=list, metadata=spec(help="prompts/classes of the training grids"))
+    seed: int = field(default=0, metadata=spec(ge=0, help="noise seed of the training grids"))
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    config: Any = None
+
+
+@dataclass
+class Recipe:
+    run: RunConfig
+    model: ModelSpec
+    data: Any  # selfe_cli.data.config.DataConfig
+    method: MethodSpec
+    train: TrainConfig
+    sample: SampleConfig
+    source: str = "<recipe>"  # where it was loaded from (not saved)

@@ -1,0 +1,182 @@
+"""Wiring: a recipe -> dataset, network, conditioner, method -> the training loop; run dir -> Generator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from selfe_cli.errors import UserError
+from selfe_cli.recipes.loader import dump_recipe, load_resolved, recipe_to_dict
+from selfe_cli.recipes.schema import Recipe
+
+# Keys that may change between the first run and a resumed one (they do not change the result).
+RESUMABLE_CHANGES = {
+    ("train", "total_steps"), ("train", "log_every_steps"), ("train", "checkpoint_every_steps"),
+    ("train", "keep_checkpoints"), ("train", "sample_every_steps"), ("data", "num_workers"),
+    ("train", "max_nonfinite_in_a_row"), ("train", "compile"), ("run", "name"), ("run", "dir"),
+}
+
+
+def model_kwargs(recipe: Recipe, info: Any) -> dict[str, Any]:
+    """The recipe's model kwargs, completed from the dataset where the recipe leaves them out."""
+    from selfe_cli.models.registry import model_schema
+
+    schema = model_schema(recipe.model.name)
+    kwargs = dict(recipe.model.kwargs)
+    derived = {"in_channels": info.channels, "sample_size": info.resolution}
+    if "condition" in schema and "condition" not in kwargs:
+        derived["condition"] = "text" if info.has_captions else ("class" if info.num_classes else "none")
+    if info.num_classes:
+        derived["num_classes"] = info.num_classes
+    for key, value in derived.items():
+        if key in schema and key not in kwargs:
+            kwargs[key] = value
+    return kwargs
+
+
+def build_network(recipe: Recipe, info: Any) -> torch.nn.Module:
+    from selfe_cli.models.registry import build_model
+
+    torch.manual_seed(recipe.run.seed)  # identical initialisation on every rank
+    return build_model(recipe.model.name, **model_kwargs(recipe, info))
+
+
+def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(key), b.get(key), path + (str(key),))
+        return out
+    return [] if a == b else [path]
+
+
+def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = yaml.safe_load(dump_recipe(recipe))
+    changed = [p for p in _diff(saved, current) if p[:2] not in RESUMABLE_CHANGES and p[:1] != ("sample",)]
+    if changed:
+        key = ".".join(changed[0])
+        raise UserError(f"{recipe.source}: {key} differs from the recipe that started {run_dir} "
+                        f"({saved_path}); resume with the same recipe or start a new run with "
+                        f"--set run.dir=<new dir>")
+
+
+def grid_conditions(recipe: Recipe, dataset: Any, conditioner: Any, n: int) -> list[Any] | None:
+    if conditioner.kind == "none":
+        return None
+    if recipe.sample.grid_prompts:
+        prompts = list(recipe.sample.grid_prompts)
+        return [prompts[i % len(prompts)] for i in range(n)]
+    if conditioner.kind == "class":
+        return [i % conditioner.num_classes for i in range(n)]
+    return [dataset[i]["caption"] for i in range(n)]
+
+
+def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = None) -> dict[str, Any]:
+    """Train (or resume) the run a recipe describes; returns a summary."""
+    from selfe_cli.data import build_dataset, collate
+    from selfe_cli.methods import build_method
+    from selfe_cli.models.registry import make_conditioner
+    from selfe_cli.sampling.generate import Generator, save_grid
+    from selfe_cli.training.distributed import barrier, cleanup, init_distributed
+    from selfe_cli.training.loop import training_loop
+
+    dist = init_distributed(device)
+    try:
+        run_dir = Path(recipe.run.dir)
+        dataset = build_dataset(recipe.data, split="train")
+        info = dataset.info
+        if dist.is_main:
+            check_resume_compatible(run_dir, recipe)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            from selfe_cli.training.checkpoint import atomic_write_text
+
+            atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        barrier()
+        net = build_network(recipe, info)
+        conditioner = make_conditioner(net, info)
+        method = build_method(recipe.method.name, recipe.method.config)
+        vae = None
+        if info.is_latent and info.vae:
+            from selfe_cli.data.latents import load_vae
+
+            vae = load_vae(info.vae).to(dist.device).eval()
+
+        grid_n = recipe.sample.grid_size
+        conds = grid_conditions(recipe, dataset, conditioner, grid_n)
+
+        def sample_fn(ema_net: torch.nn.Module, step: int) -> None:
+            gen = Generator(ema_net, conditioner, sampler_defaults=method.sampler_defaults(),
+                            sample_cfg=recipe.sample, in_channels=info.channels, resolution=info.resolution,
+                            vae=vae, name=recipe.run.name, device=dist.device)
+            seeds = [recipe.sample.seed * 100_000 + i for i in range(grid_n)]
+            images = gen.generate(conds, seeds)
+            path = save_grid(images, run_dir / "samples" / f"step-{step:07d}.png")
+            if conds is not None and step == recipe.train.total_steps:
+                (run_dir / "samples" / "prompts.txt").write_text("".join(f"{c}\n" for c in conds))
+            return path
+
+        recipe_hash = hashlib.sha256(json.dumps(recipe_to_dict(recipe), sort_keys=True).encode()).hexdigest()[:16]
+        t = recipe.train
+        return training_loop(
+            run_dir=run_dir, net=net, method=method, dataset=dataset, collate=collate, conditioner=conditioner,
+            dist=dist, seed=recipe.run.seed, total_steps=t.total_steps, batch_size=t.batch_size,
+            grad_accum_rounds=t.grad_accum_rounds, optimizer=t.optimizer, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+            weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule,
+            final_lr=t.final_lr, grad_clip=t.grad_clip, ema_decays=tuple(t.ema_decays), precision=t.precision,
+            compile=t.compile, num_workers=recipe.data.num_workers, log_every_steps=t.log_every_steps,
+            checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
+            sample_every_steps=t.sample_every_steps, max_nonfinite_in_a_row=t.max_nonfinite_in_a_row,
+            sample_fn=sample_fn, progress=progress, run_state={"recipe_sha256": recipe_hash},
+        )
+    finally:
+        cleanup()
+
+
+def build_for_sampling(run_dir: Path, *, weights: str = "ema", device: torch.device) -> Any:
+    """A Generator from a run directory: its resolved recipe and the latest checkpoint's weights."""
+    from selfe_cli.data import dataset_info
+    from selfe_cli.methods import build_method
+    from selfe_cli.models.registry import make_conditioner
+    from selfe_cli.sampling.generate import Generator
+    from selfe_cli.training import checkpoint as ckpt_io
+
+    recipe = load_resolved(run_dir)
+    info = dataset_info(recipe.data)
+    net = build_network(recipe, info)
+    latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise UserError(f"{run_dir}: no checkpoint yet (train it with `selfe train {run_dir / 'recipe.yaml'}`)")
+    if weights == "ema":
+        found = ckpt_io.ema_files(latest)
+        if not found:
+            raise UserError(f"{latest}: no EMA weights")
+        path = next(iter(found.values())) if recipe.train.ema_decays[0] not in found else found[recipe.train.ema_decays[0]]
+    elif weights == "model":
+        path = latest / "model.safetensors"
+    else:
+        try:
+            path = ckpt_io.ema_files(latest)[float(weights)]
+        except (ValueError, KeyError):
+            raise UserError(f"--weights {weights}: expected 'ema', 'model' or one of the EMA decays "
+                            f"{', '.join(f'{d:g}' for d in ckpt_io.ema_files(latest))}") from None
+    net.load_state_dict(ckpt_io.load_weights(path), strict=True)
+    net = net.to(device).eval().requires_grad_(False)
+    conditioner = make_conditioner(net, info)
+    method = build_method(recipe.method.name, recipe.method.config)
+    vae = None
+    if info.is_latent and info.vae:
+        from selfe_cli.data.latents import load_vae
+
+        vae = load_vae(info.vae).to(device).eval()
+    return Generator(net, conditioner, sampler_defaults=method.sampler_defaults(), sample_cfg=recipe.sample,
+                     in_channels=info.channels, resolution=info.resolution, vae=vae,
+                     name=recipe.run.name or run_dir.name, device=device)
