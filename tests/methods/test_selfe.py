@@ -342,7 +342,7 @@ def test_fake_stage_fused_and_unfused_agree():
     out_b, grads_b, net_b, _ = _fake_run(fused=True)
     assert "loss_fake" in out_a.logs and out_a.logs["loss_fake"].item() > 0
     assert out_a.loss.item() == pytest.approx(out_b.loss.item(), rel=1e-5)
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     # fused: exactly one forward carried gradients (the [x_t ; x_s_hat] batch)
     fused_grad_batches = [c for c in net_b.calls if c[0].shape[0] > 6]
@@ -402,3 +402,25 @@ def test_sampler_defaults():
     assert m.sampler_defaults(Net())["shift"] == pytest.approx(math.exp(shift_mu(256)))
     assert SelfE(SelfEConfig(time_shift=False)).sampler_defaults(Net())["shift"] == 1.0
     assert SelfE(SelfEConfig(shift_mu=1.15)).sampling_shift(10) == pytest.approx(math.exp(1.15))
+
+
+@pytest.mark.parametrize("name", ["quickstart_selfe", "t2i_selfe_0p5b_256", "t2i_selfe_2b"])
+def test_bundled_recipes_load(name, monkeypatch):
+    from selfe_cli.methods import METHODS, MethodEntry
+    from selfe_cli.models.registry import validate_model_kwargs
+    from selfe_cli.recipes.loader import load_recipe
+
+    monkeypatch.setitem(METHODS, "selfe", MethodEntry(SelfE, SelfEConfig))
+    recipe = load_recipe(name)
+    assert isinstance(recipe.method.config, SelfEConfig)
+    validate_model_kwargs(recipe.model.name, recipe.model.kwargs)
+    m = SelfE(recipe.method.config)
+    # the recipe's sampling shift is the training shift at its token count
+    tokens = 64 if name == "quickstart_selfe" else 256
+    assert recipe.sample.shift == pytest.approx(m.sampling_shift(tokens), abs=1e-3)
+    if name != "quickstart_selfe":
+        assert recipe.train.betas == (0.9, 0.95) and recipe.train.lr == 3e-4 and recipe.train.final_lr == 1e-5
+        assert recipe.train.ema_decays == [0.9999] and recipe.train.batch_size == 1024
+        assert recipe.sample.cfg_scale == 5.0 and recipe.sample.guidance == "energy"
+    if name == "t2i_selfe_2b":
+        assert m.tau_anneal_steps(recipe.train.total_steps) == 300_000 and m.fake_start(710_000) == 550_000

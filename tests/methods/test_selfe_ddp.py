@@ -71,15 +71,19 @@ def _worker(rank: int, init_file: str, error_file: str) -> None:
             method = SelfE(SelfEConfig(**overrides))
             refs = [_grad(method, copy.deepcopy(base), ema, r) for r in range(WORLD)]
             ddp = DDP(copy.deepcopy(base))
-            calls = []
-            hook = ddp.module.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+            calls: list[bool] = []
+
+            def count(module, args, out, calls=calls):
+                calls.append(torch.is_grad_enabled())
+
+            hook = ddp.module.register_forward_hook(count)
             got = _grad(method, ddp, ema, rank)
             hook.remove()
             assert sum(calls) == 1, f"{name}: {sum(calls)} forwards with grad under DDP"
-            for g, a, b in zip(got, refs[0], refs[1]):
+            for g, a, b in zip(got, refs[0], refs[1], strict=True):
                 torch.testing.assert_close(g, (a + b) / 2, atol=1e-10, rtol=1e-8,
                                            msg=lambda m, n=name: f"{n}: {m}")
-            assert any(not torch.allclose(g, own) for g, own in zip(got, refs[rank])), name
+            assert any(not torch.allclose(g, own) for g, own in zip(got, refs[rank], strict=True)), name
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:

@@ -139,7 +139,7 @@ def test_gradient_checkpointing_same_grads():
     m.zero_grad()
     m.enable_gradient_checkpointing()
     m(x, t, t * 0.5, cond).pow(2).sum().backward()
-    for a, p in zip(ref, m.parameters()):
+    for a, p in zip(ref, m.parameters(), strict=True):
         assert torch.allclose(a, p.grad, atol=1e-5)
 
 

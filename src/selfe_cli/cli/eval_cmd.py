@@ -127,13 +127,13 @@ def fid_cmd(
     console.print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
 
 
-def _data_config_for(dataset: str, root: Path | None, resolution: int | None):
+def _data_config_for(dataset: str, root: Path | None, resolution: int | None, download: bool = False):
     from selfe_cli.data.config import DataConfig
 
     path = Path(dataset)
     try:
         if dataset == "cifar10":
-            cfg = DataConfig(name="cifar10", root=str(root or Path("data") / "cifar10"))
+            cfg = DataConfig(name="cifar10", root=str(root or Path("data") / "cifar10"), download=download)
         elif dataset == "shapes":
             cfg = DataConfig(name="shapes", resolution=resolution)
         elif path.is_dir():
@@ -161,6 +161,7 @@ def fid_ref_cmd(
     root: Annotated[Path | None, typer.Option(help="Data folder (cifar10: holds cifar-10-python.tar.gz; recipes: overrides data.root).")] = None,
     resolution: Annotated[int | None, typer.Option(min=8, help="Image side for image folders (resize + centre crop).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 250,
+    download: Annotated[bool, typer.Option(help="cifar10: download the official archive (MD5-checked) into --root if missing.")] = False,
     inception_weights: Annotated[Path | None, typer.Option(help="Local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
@@ -171,7 +172,7 @@ def fid_ref_cmd(
     from selfe_cli.evaluation.features import inception_features
     from selfe_cli.evaluation.fid import dataset_stats, init_distributed_from_env, rank_world, save_stats
 
-    cfg = _data_config_for(dataset, root, resolution)
+    cfg = _data_config_for(dataset, root, resolution, download)
     if cfg.name == "latents":
         raise UserError(f"{dataset}: latent datasets have no pixels; compute FID statistics from the image data")
     init_distributed_from_env()

@@ -40,7 +40,7 @@ def sample(
         raise UserError(f"{run_dir}: this model is {gen.cond_kind}-conditional; give a "
                         + ("prompt, e.g. selfe sample \"a red cube\"" if gen.cond_kind == "text" else "class index or name"))
     if gen.cond_kind == "none" and prompt is not None:
-        Console(stderr=True).print(f"note: {run_dir} is unconditional; ignoring {prompt!r}")
+        Console(stderr=True, soft_wrap=True).print(f"note: {run_dir} is unconditional; ignoring {prompt!r}")
     conds = [prompt] * n if gen.cond_kind != "none" else None
     steps = steps or gen.sample_cfg.steps
     images = gen.generate(conds, [seed + i for i in range(n)], steps=steps, cfg_scale=cfg)
@@ -50,5 +50,5 @@ def sample(
     for i, img in enumerate(images):
         Image.fromarray(img.numpy()).save(out / f"{seed + i:06d}.png")
     grid = save_grid(images, out / "grid.png")
-    Console().print(f"wrote {grid} and {len(images)} images to {out}/ "
+    Console(soft_wrap=True).print(f"wrote {grid} and {len(images)} images to {out}/ "
                     f"({run_dir.name}, {steps} step{'s' if steps != 1 else ''})")

@@ -26,7 +26,7 @@ def train(
     from selfe_cli.recipes import dump_recipe, load_recipe
 
     rec = load_recipe(recipe, set_ or [])
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)
     if dry_run:
         print(f"# resolved recipe: {rec.source}")
         print(dump_recipe(rec), end="")

@@ -105,8 +105,14 @@ class Mask2FormerDetector:
         if path and not os.path.exists(source):
             raise UserError(f"--detector-path {source}: not found (expected a save_pretrained copy of {DETECTOR_HUB_ID})")
         try:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(source)
-            processor = Mask2FormerImageProcessor.from_pretrained(source)
+            try:  # the local cache first: no network round trips when the weights are already here
+                model = Mask2FormerForUniversalSegmentation.from_pretrained(source, local_files_only=True)
+                processor = Mask2FormerImageProcessor.from_pretrained(source, local_files_only=True)
+            except OSError:
+                if path:
+                    raise
+                model = Mask2FormerForUniversalSegmentation.from_pretrained(source)
+                processor = Mask2FormerImageProcessor.from_pretrained(source)
         except OSError as err:
             raise UserError(f"cannot load the GenEval detector {source} ({str(err).splitlines()[0]}); {OFFLINE_HINT}") from None
         return cls(model, processor, device)

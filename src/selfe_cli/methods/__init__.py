@@ -7,6 +7,7 @@ from typing import Any
 
 from selfe_cli.methods.base import LossOutput, Method, unwrap
 from selfe_cli.methods.flow_matching import FlowMatching, FlowMatchingConfig
+from selfe_cli.methods.selfe import SelfE, SelfEConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "flow_matching": MethodEntry(FlowMatching, FlowMatchingConfig),
+    "selfe": MethodEntry(SelfE, SelfEConfig),
 }
 
 

@@ -34,7 +34,7 @@ from selfe_cli.config import spec
 from selfe_cli.errors import UserError
 from selfe_cli.methods.base import LossOutput, Method, drop_condition, unwrap
 from selfe_cli.methods.paths import bcast, interpolate
-from selfe_cli.models.conditioning import Cond, cond_batch_size, cond_cat, cond_index
+from selfe_cli.models.conditioning import Cond, cond_cat, cond_index
 
 # Paper schedule (710k iterations in all): tau annealed over the first 300k, fake score from 550k.
 PAPER_TOTAL_STEPS = 710_000

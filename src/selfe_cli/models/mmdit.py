@@ -27,10 +27,10 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from selfe_cli.models import text_frozen  # noqa: F401  (registers the conditioner of text_encoder='external')
 from selfe_cli.models.base import ConditionEmbedder, ConditionKind, TextEncoderKind, TwoTimeModel
 from selfe_cli.models.conditioning import Cond
 from selfe_cli.models.embeddings import Mlp, RMSNorm, TwoTimeEmbedder, as_time, key_padding_bias, sdpa
-from selfe_cli.models import text_frozen  # noqa: F401  (registers the conditioner of text_encoder='external')
 from selfe_cli.models.registry import register_model
 
 # ---------------------------------------------------------------------------------------------- RoPE

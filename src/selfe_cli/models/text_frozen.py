@@ -159,6 +159,12 @@ class FrozenTextConditioner(Conditioner):
         self.cache = TextEmbeddingCache(cache_dir or default_cache_dir(), identity) if use_cache else None
         self._null: dict[str, torch.Tensor] | None = None
 
+    def to(self, device: torch.device | str) -> FrozenTextConditioner:
+        """Run the encoders (and return features) on ``device`` from now on."""
+        self.device = torch.device(device)
+        self._null = None
+        return self
+
     # -- encoders (lazy)
     def _clip_modules(self) -> tuple[nn.Module, Any]:
         if self._clip is None:
@@ -208,7 +214,7 @@ class FrozenTextConditioner(Conditioner):
                 misses.setdefault(p, []).append(i)
         if misses:
             unique = list(misses)
-            for p, e in zip(unique, self._encode_uncached(unique)):
+            for p, e in zip(unique, self._encode_uncached(unique), strict=True):
                 if self.cache is not None:
                     self.cache.put(p, e)
                 for i in misses[p]:

@@ -116,17 +116,17 @@ class Generator:
         if conds is not None and len(conds) != n:
             raise ValueError(f"{len(conds)} conditions for {n} seeds")
         steps = steps or self.sample_cfg.steps
-        kw = dict(self.sampler_defaults)
+        # The method gives the landing-time rule; the recipe's `sample:` section gives the rest and may
+        # override the rule; explicit arguments override both.
+        kw = {"r_mode": self.sampler_defaults.get("r_mode", "next"), "shift": self.sample_cfg.shift,
+              "guidance": self.sample_cfg.guidance, "eta": self.sample_cfg.eta}
         if self.sample_cfg.r_mode is not None:
             kw["r_mode"] = self.sample_cfg.r_mode
         if r_mode is not None:
             kw["r_mode"] = r_mode
-        kw.setdefault("shift", self.sample_cfg.shift)
-        for key in ("guidance", "eta"):
-            value = getattr(self.sample_cfg, key, None)
-            if value is not None and (key != "guidance" or value != "standard") and (key != "eta" or value != 0):
-                kw.setdefault(key, value)
         kw.update(sampler_kw)
+        if kw["eta"] > 0:  # stochastic steps draw fresh noise: seed it from the images' seeds
+            kw.setdefault("generator", torch.Generator(self.device).manual_seed(int(seeds[0]) + 7919 * n))
         cfg = self.sample_cfg.cfg_scale if cfg_scale is None else cfg_scale
         cond = cond_to(self.encode(conds, n), self.device)
         null = cond_to(self.conditioner.null(n), self.device)

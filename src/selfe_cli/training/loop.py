@@ -180,13 +180,19 @@ def training_loop(
                 x0 = batch["image"].to(device, non_blocking=True)
                 cond = cond_to(conditioner.from_batch(batch), device)
                 null_cond = cond_to(conditioner.null(x0.shape[0]), device)
+                extra = {}
+                if getattr(method, "needs_fake_cond", False):  # Self-E's late "fake score" stage
+                    from selfe_cli.methods.selfe import fake_captions
+
+                    extra["fake_cond"] = cond_to(conditioner.encode(
+                        fake_captions(batch["caption"], method.cfg.fake_suffix)), device)
                 torch.manual_seed(micro_seed(seed, step, rnd * world + dist.rank))
                 last_round = rnd == grad_accum_rounds - 1
                 sync = contextlib.nullcontext() if (last_round or not dist.enabled) else train_net.no_sync()
                 with sync:
                     with autocast:
                         out = method.loss(train_net, x0, cond, null_cond=null_cond, step=step,
-                                          total_steps=total_steps, ema_net=ema.primary)
+                                          total_steps=total_steps, ema_net=ema.primary, **extra)
                     bad = all_reduce_flag(not bool(torch.isfinite(out.loss.detach()).item()), device)
                     if bad:
                         skip = True

@@ -92,7 +92,10 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
     dist = init_distributed(device)
     try:
         run_dir = Path(recipe.run.dir)
-        dataset = build_dataset(recipe.data, split="train")
+        try:
+            dataset = build_dataset(recipe.data, split="train")
+        except UserError as err:  # name the recipe file as well as the key
+            raise UserError(f"{recipe.source}: {err}") from None
         info = dataset.info
         if dist.is_main:
             check_resume_compatible(run_dir, recipe)
@@ -103,6 +106,8 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
         barrier()
         net = build_network(recipe, info)
         conditioner = make_conditioner(net, info)
+        if hasattr(conditioner, "to"):  # frozen text encoders live on the training device
+            conditioner.to(dist.device)
         method = build_method(recipe.method.name, recipe.method.config)
         vae = None
         if info.is_latent and info.vae:
@@ -113,7 +118,7 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
         grid_n = recipe.sample.grid_size
         conds = grid_conditions(recipe, dataset, conditioner, grid_n)
 
-        def sample_fn(ema_net: torch.nn.Module, step: int) -> None:
+        def sample_fn(ema_net: torch.nn.Module, step: int) -> Path:
             gen = Generator(ema_net, conditioner, sampler_defaults=method.sampler_defaults(),
                             sample_cfg=recipe.sample, in_channels=info.channels, resolution=info.resolution,
                             vae=vae, name=recipe.run.name, device=dist.device)
@@ -171,6 +176,8 @@ def build_for_sampling(run_dir: Path, *, weights: str = "ema", device: torch.dev
     net.load_state_dict(ckpt_io.load_weights(path), strict=True)
     net = net.to(device).eval().requires_grad_(False)
     conditioner = make_conditioner(net, info)
+    if hasattr(conditioner, "to"):
+        conditioner.to(device)
     method = build_method(recipe.method.name, recipe.method.config)
     vae = None
     if info.is_latent and info.vae:
