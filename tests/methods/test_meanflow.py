@@ -173,7 +173,7 @@ def test_fast_tangents_keep_the_primal_graph():
     grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
     (net(z, t, r) ** 2).sum().backward()
-    for got, want in zip(grads, (p.grad for p in net.parameters())):
+    for got, want in zip(grads, (p.grad for p in net.parameters()), strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
@@ -382,12 +382,12 @@ def test_memory_saving_gives_the_default_gradients_with_dropout():
         torch.manual_seed(5)
         MeanFlow(MeanFlowConfig(memory_saving=saving, weight_p=0.75)).loss_from(net, x0, eps, t, r, None).loss.backward()
         grads[saving] = [p.grad.clone() for p in net.parameters()]
-    for a, b in zip(grads[False], grads[True]):
+    for a, b in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
     net.zero_grad()
     torch.manual_seed(6)  # other masks: other gradients (the comparison above can fail)
     MeanFlow(MeanFlowConfig(weight_p=0.75)).loss_from(net, x0, eps, t, r, None).loss.backward()
-    assert not all(torch.allclose(a, p.grad) for a, p in zip(grads[False], net.parameters()))
+    assert not all(torch.allclose(a, p.grad) for a, p in zip(grads[False], net.parameters(), strict=True))
 
 
 def test_jvp_only_r_neq_t_is_exact():
@@ -402,7 +402,7 @@ def test_jvp_only_r_neq_t_is_exact():
         out.loss.backward()
         results.append((out.loss.detach(), [p.grad.clone() for p in net.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-12, rtol=1e-10)
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
@@ -446,3 +446,22 @@ def test_one_step_and_two_step_sampling_through_the_shared_sampler():
         half = torch.full((3,), 0.5)
         x = e - 0.5 * net(e, ones, half, cond)
         torch.testing.assert_close(two, x - 0.5 * net(x, half, zeros, cond), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_step_jvp_matches_reference_rules():
+    """On CUDA: fast-kernel primal + closed-form tangents equal PyTorch's MATH forward-mode rules."""
+    net = tiny_dit().cuda()
+    z = torch.randn(4, 2, 8, 8, device="cuda")
+    t = torch.tensor([0.9, 0.6, 0.4, 0.2], device="cuda")
+    r = t * 0.5
+    cond = torch.tensor([0, 1, 2, 3], device="cuda")
+    tangents = (torch.randn_like(z), torch.ones_like(t), None, None)
+    u, du = dual_jvp(net, (z, t, r, cond), tangents)
+    u_ref, du_ref = dual_jvp(net, (z, t, r, cond), tangents, fast_linear_tangents=False)
+    torch.testing.assert_close(u, u_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(du, du_ref, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = MeanFlow().loss(net, z, cond, null_cond=torch.full_like(cond, 3), step=0, total_steps=1)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())

@@ -79,9 +79,9 @@ def _worker(rank: int, init_file: str, error_file: str) -> None:
             method.loss_from(ddp, *local).loss.backward()
             got, want, unsynced = _grads(ddp.module), _grads(ref), _grads(alone)
             assert len(got) == len(want) > 0
-            for g, w in zip(got, want):
+            for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
-            assert any(not torch.allclose(u, w) for u, w in zip(unsynced, want)), name
+            assert any(not torch.allclose(u, w) for u, w in zip(unsynced, want, strict=True)), name
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # report the real traceback to the parent

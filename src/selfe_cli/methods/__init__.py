@@ -7,6 +7,7 @@ from typing import Any
 
 from selfe_cli.methods.base import LossOutput, Method, unwrap
 from selfe_cli.methods.flow_matching import FlowMatching, FlowMatchingConfig
+from selfe_cli.methods.meanflow import MeanFlow, MeanFlowConfig
 from selfe_cli.methods.selfe import SelfE, SelfEConfig
 
 
@@ -18,6 +19,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "flow_matching": MethodEntry(FlowMatching, FlowMatchingConfig),
+    "meanflow": MethodEntry(MeanFlow, MeanFlowConfig),
     "selfe": MethodEntry(SelfE, SelfEConfig),
 }
 
