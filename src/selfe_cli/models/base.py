@@ -68,8 +68,8 @@ class ConditionEmbedder(nn.Module):
     """
 
     def __init__(self, condition: str, emb_dim: int, *, num_classes: int = 0, text_encoder: str = "tiny",
-                 text_width: int = 256, text_layers: int = 4, text_heads: int = 4, context_dim: int = 0,
-                 pooled_dim: int = 0, context_width: int = 0, use_context: bool = True):
+                 text_width: int = 256, text_layers: int = 4, text_heads: int = 4, text_context_length: int = 77,
+                 context_dim: int = 0, pooled_dim: int = 0, context_width: int = 0, use_context: bool = True):
         super().__init__()
         if condition not in ("none", "class", "text"):
             raise ValueError(f"condition must be 'none', 'class' or 'text', got {condition!r}")
@@ -83,7 +83,8 @@ class ConditionEmbedder(nn.Module):
             nn.init.normal_(self.label_embedding.weight, std=0.02)
         elif condition == "text":
             if text_encoder == "tiny":
-                self.text_encoder = TinyTextEncoder(text_width, text_layers, text_heads)
+                self.text_encoder = TinyTextEncoder(text_width, text_layers, text_heads,
+                                                    context_length=text_context_length)
                 context_dim = pooled_dim = text_width
             elif text_encoder == "external":
                 if context_dim < 1 or pooled_dim < 1:
@@ -102,7 +103,7 @@ class ConditionEmbedder(nn.Module):
         if self.condition == "class":
             return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
         if self.text_encoder_kind == "tiny":
-            return {"input_ids": null_input_ids(n, device=device)}
+            return {"input_ids": null_input_ids(n, self.text_encoder.context_length, device=device)}
         raise ValueError("a model with text_encoder='external' needs its null condition (the frozen encoders' "
                          "features of the empty prompt) from the caller")
 

@@ -84,6 +84,7 @@ class DiT(TwoTimeModel):
         text_width: int = 256,
         text_layers: int = 4,
         text_heads: int = 4,
+        text_context_length: int = 77,
         context_dim: int = 0,
         pooled_dim: int = 0,
         cross_attention: bool = True,
@@ -106,7 +107,8 @@ class DiT(TwoTimeModel):
         self.time_embed = TwoTimeEmbedder(hidden_size, time_freq_dim, time_scale=time_scale)
         self.cond_embedder = ConditionEmbedder(
             condition, hidden_size, num_classes=num_classes, text_encoder=text_encoder, text_width=text_width,
-            text_layers=text_layers, text_heads=text_heads, context_dim=context_dim, pooled_dim=pooled_dim,
+            text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
+            context_dim=context_dim, pooled_dim=pooled_dim,
             context_width=hidden_size, use_context=use_xattn)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=use_xattn)
                                      for _ in range(depth)])

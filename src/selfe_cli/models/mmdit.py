@@ -207,6 +207,7 @@ class MMDiT(TwoTimeModel):
         text_width: int = 256,
         text_layers: int = 4,
         text_heads: int = 4,
+        text_context_length: int = 77,
         context_dim: int = 0,
         pooled_dim: int = 0,
         trim_text: bool = True,
@@ -237,7 +238,8 @@ class MMDiT(TwoTimeModel):
         # pooled text -> vec; token context -> width D (FLUX's txt_in, here a small MLP)
         self.cond_embedder = ConditionEmbedder(
             condition, hidden_size, num_classes=num_classes, text_encoder=text_encoder, text_width=text_width,
-            text_layers=text_layers, text_heads=text_heads, context_dim=context_dim, pooled_dim=pooled_dim,
+            text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
+            context_dim=context_dim, pooled_dim=pooled_dim,
             context_width=hidden_size, use_context=True)
         self.blocks = nn.ModuleList(
             [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth_double)]

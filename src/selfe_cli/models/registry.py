@@ -34,7 +34,7 @@ from selfe_cli.models.unet import UNet
 ModelFactory = Callable[..., TwoTimeModel]
 MODELS: dict[str, ModelFactory] = {}
 
-EXTENSION_MODULES = ("selfe_cli.models.mmdit",)
+EXTENSION_MODULES = ("selfe_cli.models.mmdit", "selfe_cli.models.mlp")
 
 
 def preset(cls: type[TwoTimeModel], name: str, *, fixed: Mapping[str, Any] | None = None,
@@ -179,7 +179,7 @@ def load_model(path: str | Path, **kwargs: Any) -> TwoTimeModel:
 
 ConditionerFactory = Callable[[TwoTimeModel, Any], Conditioner]
 TEXT_CONDITIONERS: dict[str, ConditionerFactory] = {
-    "tiny": lambda model, info: TextConditioner(),
+    "tiny": lambda model, info: TextConditioner(int(getattr(model, "config", {}).get("text_context_length", 77))),
 }
 
 

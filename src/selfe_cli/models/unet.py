@@ -208,6 +208,7 @@ class UNet(TwoTimeModel):
         text_width: int = 256,
         text_layers: int = 4,
         text_heads: int = 4,
+        text_context_length: int = 77,
         context_dim: int = 0,
         pooled_dim: int = 0,
         cross_attention: bool = True,
@@ -231,7 +232,8 @@ class UNet(TwoTimeModel):
         self.time_embed = TwoTimeEmbedder(emb_dim, time_freq_dim, time_scale=time_scale)
         self.cond_embedder = ConditionEmbedder(
             condition, emb_dim, num_classes=num_classes, text_encoder=text_encoder, text_width=text_width,
-            text_layers=text_layers, text_heads=text_heads, context_dim=context_dim, pooled_dim=pooled_dim,
+            text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
+            context_dim=context_dim, pooled_dim=pooled_dim,
             context_width=emb_dim, use_context=use_xattn)
 
         def layer(block: nn.Module, c: int, res: int, attn: bool) -> UNetLayer:
