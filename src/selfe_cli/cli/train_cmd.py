@@ -58,10 +58,14 @@ def _model_summary(rec) -> str | None:
     try:
         from selfe_cli.data import dataset_info
 
-        info = dataset_info(rec.data)
+        try:
+            info = dataset_info(rec.data)
+            note = ""
+        except Exception:  # noqa: BLE001 - data not here yet: count with the recipe's own sizes
+            info, note = None, " (data not found: sizes from the recipe and the model defaults)"
         with torch.device("meta"):
             net = build_model(rec.model.name, **model_kwargs(rec, info))
         n = sum(p.numel() for p in net.parameters())
-        return f"model {rec.model.name}: {n / 1e6:.1f}M parameters"
+        return f"model {rec.model.name}: {n / 1e6:.1f}M parameters{note}"
     except Exception as err:  # noqa: BLE001 - a summary line must never break --dry-run
         return f"model {rec.model.name}: parameter count unavailable ({type(err).__name__}: {err})"

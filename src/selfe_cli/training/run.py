@@ -28,6 +28,8 @@ def model_kwargs(recipe: Recipe, info: Any) -> dict[str, Any]:
 
     schema = model_schema(recipe.model.name)
     kwargs = dict(recipe.model.kwargs)
+    if info is None:  # data not available (e.g. --dry-run before encoding latents): the recipe's values only
+        return kwargs
     derived = {"in_channels": info.channels, "sample_size": info.resolution}
     if "condition" in schema and "condition" not in kwargs:
         derived["condition"] = "text" if info.has_captions else ("class" if info.num_classes else "none")
