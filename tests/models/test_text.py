@@ -62,7 +62,8 @@ def test_tiny_encoder_outputs() -> None:
     enc = TinyTextEncoder(width=32, layers=2, heads=4)
     ids = tokenize(["a red cube", ""])
     context, mask, pooled = enc(ids)
-    assert context.shape == (2, 77, 32) and mask.shape == (2, 77) and pooled.shape == (2, 32)
+    # the padding after the longest prompt (5 tokens) is trimmed
+    assert context.shape == (2, 5, 32) and mask.shape == (2, 5) and pooled.shape == (2, 32)
     assert mask.dtype == torch.bool
     assert mask[0].sum() == 5 and mask[1].sum() == 2  # SOT, 3 words, EOT / SOT, EOT
     assert torch.equal(pooled[0], context[0, 4]) and torch.equal(pooled[1], context[1, 1])
@@ -80,6 +81,18 @@ def test_tiny_encoder_is_causal_padding_never_leaks() -> None:
     changed = ids.clone()
     changed[0, 2] = 999  # a token before EOT does change the pooled vector
     assert not torch.allclose(enc(changed)[2], p1)
+
+
+def test_trimming_the_padding_is_exact() -> None:
+    enc = TinyTextEncoder(width=32, layers=2, heads=4).double()
+    ids = tokenize(["a red cube and a blue sphere", "", "two cubes"])
+    trimmed = enc(ids)
+    enc.trim = False
+    full = enc(ids)
+    assert trimmed[0].shape[1] == 9 and full[0].shape[1] == 77
+    torch.testing.assert_close(trimmed[2], full[2], rtol=1e-12, atol=1e-12)  # pooled
+    torch.testing.assert_close(trimmed[0], full[0][:, :9], rtol=1e-12, atol=1e-12)
+    assert torch.equal(trimmed[1], full[1][:, :9]) and not full[1][:, 9:].any()
 
 
 def test_text_conditioner() -> None:

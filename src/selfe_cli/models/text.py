@@ -82,14 +82,15 @@ class TextBlock(nn.Module):
 class TinyTextEncoder(nn.Module):
     """Token + position embedding, ``layers`` causal pre-LN blocks, final LN.
 
-    ``forward(input_ids (N, L)) -> (context (N, L, W), mask (N, L) bool, pooled (N, W))``; pooled is the
-    final hidden state at the end-of-text token.
+    ``forward(input_ids (N, L)) -> (context (N, L', W), mask (N, L') bool, pooled (N, W))``; pooled is the
+    final hidden state at the end-of-text token; ``L' <= L`` is the length of the batch's longest prompt.
     """
 
     def __init__(self, width: int = 256, layers: int = 4, heads: int = 4, *,
                  vocab_size: int = VOCAB_SIZE, context_length: int = CONTEXT_LENGTH, mlp_ratio: float = 4.0):
         super().__init__()
         self.width, self.context_length = width, context_length
+        self.trim = True  # drop the padding after the batch's longest prompt (exact; see forward)
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList([TextBlock(width, heads, mlp_ratio) for _ in range(layers)])
@@ -101,11 +102,17 @@ class TinyTextEncoder(nn.Module):
         n, length = input_ids.shape
         if length > self.context_length:
             raise ValueError(f"input_ids have length {length}, the text encoder's context is {self.context_length}")
+        eot = eot_positions(input_ids)  # (N,)
+        if self.trim:
+            # Exact: attention is causal, so the tokens past the batch's last end-of-text never influence the
+            # valid ones, and every consumer masks them anyway. Short prompts (shapes: <= 12 of 77 tokens)
+            # then cost what they are, not the full context.
+            length = int(eot.max()) + 1
+            input_ids = input_ids[:, :length]
         x = self.token_embedding(input_ids) + self.position_embedding[:length]  # (N, L, W)
         for block in self.blocks:
             x = block(x)
         x = self.final_norm(x)  # (N, L, W)
-        eot = eot_positions(input_ids)  # (N,)
         mask = torch.arange(length, device=input_ids.device)[None] <= eot[:, None]  # (N, L)
         pooled = x[torch.arange(n, device=x.device), eot]  # (N, W)
         return x, mask, pooled
