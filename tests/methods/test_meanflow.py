@@ -162,6 +162,29 @@ def test_jvp_equals_central_differences(kind, fast):
         torch.testing.assert_close(du, du_ref, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_norm_tangent_rules_equal_pytorch_forward_ad(layout, affine):
+    """The closed-form group/layer-norm tangents (from the primal's statistics) equal PyTorch's own rules."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64) * 2 + 0.5
+    dx = torch.randn_like(x)
+    if layout == "channels_last":
+        x, dx = (a.contiguous(memory_format=torch.channels_last) for a in (x, dx))
+    gamma = torch.randn(8, dtype=torch.float64) if affine else None
+    beta = torch.randn(8, dtype=torch.float64) if affine else None
+    gamma_ln = torch.randn(4, dtype=torch.float64) if affine else None
+    cases = [lambda y: torch.nn.functional.group_norm(y, 4, gamma, beta, 1e-5),
+             lambda y: torch.nn.functional.layer_norm(y, (4,), gamma_ln, None, 1e-6),
+             lambda y: torch.nn.functional.layer_norm(y, (5, 4), None, None, 1e-6)]
+    for fn in cases:
+        out, tan = dual_jvp(fn, (x,), (dx,))
+        ref_out, ref_tan = dual_jvp(fn, (x,), (dx,), fast_linear_tangents=False)
+        torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+        torch.testing.assert_close(tan, ref_tan, atol=1e-11, rtol=1e-10)
+        assert tan.abs().max() > 1e-2
+
+
 def test_fast_tangents_keep_the_primal_graph():
     """The primal from the dual pass (with TangentOps) back-propagates exactly like a plain forward."""
     net = tiny_unet().double()
