@@ -242,7 +242,12 @@ def training_loop(
                             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                                 writer.add_scalar(f"train/{key}", value, done)
                     if progress_bar is not None:
-                        progress_bar.update(task, info=f"loss {logs.get('loss', float('nan')):.4f}  {its:.2f} it/s")
+                        info = f"loss {logs.get('loss', float('nan')):.4f}  {its:.2f} it/s"
+                        progress_bar.update(task, info=info)
+                        if not progress_bar.console.is_terminal:  # logs (SLURM, nohup): a plain line instead
+                            eta = (total_steps - done) / max(its, 1e-9)
+                            progress_bar.console.print(f"step {done}/{total_steps}  {info}  "
+                                                       f"eta {int(eta // 60)}:{int(eta % 60):02d}")
             if progress_bar is not None:
                 progress_bar.update(task, completed=done)
             if done % checkpoint_every_steps == 0 and done != total_steps:
