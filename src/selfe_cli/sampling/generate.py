@@ -16,6 +16,7 @@ from selfe_cli.models.conditioning import Conditioner, cond_to
 from selfe_cli.sampling.sampler import sample
 
 RUNS_ROOT = Path("runs")
+STEP_NOISE_SEED_OFFSET = 1 << 40  # seeds of the per-step noise of eta > 0 sampling: seed + offset
 
 
 def resolve_run_dir(ckpt: str | Path | None, runs_root: Path = RUNS_ROOT) -> Path:
@@ -125,8 +126,12 @@ class Generator:
         if r_mode is not None:
             kw["r_mode"] = r_mode
         kw.update(sampler_kw)
-        if kw["eta"] > 0:  # stochastic steps draw fresh noise: seed it from the images' seeds
-            kw.setdefault("generator", torch.Generator(self.device).manual_seed(int(seeds[0]) + 7919 * n))
+        if kw["eta"] > 0 and "generator" not in kw:
+            # Stochastic steps draw fresh noise per image from its own seed, so image i stays a function of
+            # seeds[i] alone, whatever the batch (the seeds are offset from those of the initial noise).
+            gens = [torch.Generator().manual_seed(STEP_NOISE_SEED_OFFSET + int(s)) for s in seeds]
+            shape = (self.in_channels, self.resolution, self.resolution)
+            kw.setdefault("step_noise", lambda k: torch.stack([torch.randn(shape, generator=g) for g in gens]))
         cfg = self.sample_cfg.cfg_scale if cfg_scale is None else cfg_scale
         cond = cond_to(self.encode(conds, n), self.device)
         null = cond_to(self.conditioner.null(n), self.device)

@@ -6,6 +6,7 @@ rule for the landing time r of each step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -68,7 +69,8 @@ def landing_times(t_k: torch.Tensor, t_next: torch.Tensor, r_mode: str) -> torch
 def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Cond = None, *,
            steps: int, r_mode: str = "next", cfg_scale: float = 1.0, shift: float = 1.0,
            grid: torch.Tensor | None = None, guidance: str = "standard", eta: float = 0.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None,
+           step_noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0) in ``steps`` network evaluations (x2 with CFG).
 
     ``r_mode``: ``"next"`` lands each step at the next grid time (MeanFlow, Self-E: the network
@@ -77,7 +79,8 @@ def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Co
 
     ``eta`` > 0: DDIM-style stochastic update (Self-E appendix, eta = 1). From ``V`` at (t, r) the clean and
     noise estimates are ``x0 = x - t V`` and ``e = x + (1 - t) V`` (so that ``(1 - t) x0 + t e = x``); the
-    step lands at ``(1 - t') x0 + t' (sqrt(1 - eta^2) e + eta z)``, ``z ~ N(0, I)`` from ``generator``.
+    step lands at ``(1 - t') x0 + t' (sqrt(1 - eta^2) e + eta z)``, ``z ~ N(0, I)`` from ``step_noise(k)``
+    (per-image seeded noise of step k, shaped like x), else from ``generator``, else torch's global RNG.
     eta = 0 is exactly the deterministic update ``x - (t - t') V``; eta = 1 re-noises with fresh noise.
     """
     if r_mode not in ("next", "same", "mid"):
@@ -99,8 +102,12 @@ def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Co
         else:
             tk, tn = t_k.to(x.dtype), t_next.to(x.dtype)
             x0_hat, eps_hat = x - tk * v, x + (1 - tk) * v
-            z = torch.randn_like(x) if generator is None else \
-                torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+            if step_noise is not None:
+                z = step_noise(k).to(x)
+            elif generator is not None:
+                z = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+            else:
+                z = torch.randn_like(x)
             eps_mix = (1 - eta ** 2) ** 0.5 * eps_hat + eta * z
             x = (1 - tn) * x0_hat + tn * eps_mix
     return x
