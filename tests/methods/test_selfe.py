@@ -416,7 +416,7 @@ def test_bundled_recipes_load(name, monkeypatch):
     validate_model_kwargs(recipe.model.name, recipe.model.kwargs)
     m = SelfE(recipe.method.config)
     # the recipe's sampling shift is the training shift at its token count
-    tokens = 64 if name == "quickstart_selfe" else 256
+    tokens = 32 * 32 if name == "quickstart_selfe" else 256  # pixel U-Net: one token per pixel
     assert recipe.sample.shift == pytest.approx(m.sampling_shift(tokens), abs=1e-3)
     if name != "quickstart_selfe":
         assert recipe.train.betas == (0.9, 0.95) and recipe.train.lr == 3e-4 and recipe.train.final_lr == 1e-5

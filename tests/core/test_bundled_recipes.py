@@ -1,0 +1,63 @@
+"""Every bundled recipe loads and validates; the paper recipes carry the papers' numbers (SPEC §2-§3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfe_cli.methods.meanflow import MeanFlowConfig
+from selfe_cli.models.registry import build_model, count_parameters
+from selfe_cli.recipes.loader import bundled_recipes, load_recipe
+from selfe_cli.training.run import model_kwargs
+
+NAMES = sorted(bundled_recipes())
+
+
+def test_the_bundle_is_complete():
+    assert {"quickstart", "quickstart_meanflow", "quickstart_selfe", "cifar10_meanflow", "imagenet256_meanflow_b2",
+            "imagenet256_meanflow_xl2", "t2i_selfe_0p5b_256", "t2i_selfe_2b"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bundled_recipe_loads_and_builds_on_meta(name):
+    recipe = load_recipe(name)
+    with torch.device("meta"):
+        net = build_model(recipe.model.name, **model_kwargs(recipe, None))
+    assert count_parameters(net) > 0
+
+
+def test_quickstarts_share_network_data_and_budget():
+    recipes = {n: load_recipe(n) for n in ("quickstart", "quickstart_meanflow", "quickstart_selfe")}
+    first = recipes["quickstart"]
+    for r in recipes.values():
+        assert (r.model.name, r.model.kwargs) == (first.model.name, first.model.kwargs)
+        assert r.data == first.data and r.train == first.train
+    assert [r.method.name for r in recipes.values()] == ["flow_matching", "meanflow", "selfe"]
+
+
+def test_cifar10_meanflow_is_the_paper_configuration():
+    r = load_recipe("cifar10_meanflow")
+    m = r.method.config
+    assert isinstance(m, MeanFlowConfig)
+    assert r.model.name == "unet-ddpmpp-cifar10" and r.model.kwargs["dropout"] == 0.2
+    assert (r.train.optimizer, r.train.lr, tuple(r.train.betas)) == ("adam", 6e-4, (0.9, 0.999))
+    assert (r.train.batch_size, r.train.total_steps, r.train.warmup_steps) == (1024, 800_000, 10_000)
+    assert r.train.ema_decays == [0.99995]
+    assert (m.time_sampler_t.mean, m.time_sampler_t.std, m.time_sampler_r.mean, m.time_sampler_r.std) == (-2, 2, -2, 2)
+    assert (m.ratio_r_neq_t, m.weight_p, m.cond_dropout) == (0.75, 0.75, 0.0)
+    assert r.sample.steps == 1
+    with torch.device("meta"):
+        n = count_parameters(build_model(r.model.name, **model_kwargs(r, None), in_channels=3, sample_size=32))
+    assert 50e6 < n < 60e6  # the ~55M DDPM++ network
+
+
+@pytest.mark.parametrize("name, w, kappa, t_max", [("imagenet256_meanflow_b2", 1.0, 0.5, 1.0),
+                                                   ("imagenet256_meanflow_xl2", 0.2, 0.92, 0.75)])
+def test_imagenet_meanflow_recipes(name, w, kappa, t_max):
+    r = load_recipe(name)
+    m = r.method.config
+    assert (r.train.lr, tuple(r.train.betas), r.train.batch_size, r.train.ema_decays) == (1e-4, (0.9, 0.95), 256,
+                                                                                           [0.9999])
+    assert (m.time_sampler_t.mean, m.time_sampler_t.std, m.ratio_r_neq_t, m.weight_p) == (-0.4, 1.0, 0.25, 1.0)
+    assert (m.guidance.w, m.guidance.kappa, m.guidance.t_max, m.cond_dropout) == (w, kappa, t_max, 0.1)
+    assert r.data.name == "latents" and r.model.kwargs["in_channels"] == 4
