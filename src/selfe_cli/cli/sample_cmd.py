@@ -24,6 +24,8 @@ def sample(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the first image; image i uses seed + i.")] = 0,
     n: Annotated[int, typer.Option(min=1, help="Number of images.")] = 16,
     out: Annotated[Path | None, typer.Option(help="Output folder (grid.png + one PNG per image). Default: outputs/<run>/<prompt>-<steps>steps/.")] = None,
+    r_mode: Annotated[str | None, typer.Option(help="Landing time of each step: next (t_{k+1}; MeanFlow, Self-E), same (t_k; flow-matching Euler) or mid. Default: the recipe's / the method's rule.")] = None,
+    eta: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Stochastic (DDIM-style) steps: 0 deterministic, 1 fresh noise each step. Default: the recipe's sample.eta.")] = None,
     weights: Annotated[str, typer.Option(help="'ema' (default), 'model', or an EMA decay such as 0.9999.")] = "ema",
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
 ) -> None:
@@ -43,7 +45,10 @@ def sample(
         Console(stderr=True, soft_wrap=True).print(f"note: {run_dir} is unconditional; ignoring {prompt!r}")
     conds = [prompt] * n if gen.cond_kind != "none" else None
     steps = steps or gen.sample_cfg.steps
-    images = gen.generate(conds, [seed + i for i in range(n)], steps=steps, cfg_scale=cfg)
+    if r_mode is not None and r_mode not in ("next", "same", "mid"):
+        raise UserError(f"--r-mode: expected next, same or mid, got {r_mode!r}")
+    extra = {k: v for k, v in (("r_mode", r_mode), ("eta", eta)) if v is not None}
+    images = gen.generate(conds, [seed + i for i in range(n)], steps=steps, cfg_scale=cfg, **extra)
     if out is None:
         out = Path("outputs") / run_dir.name / f"{_slug(prompt or 'unconditional')}-{steps}steps"
     out.mkdir(parents=True, exist_ok=True)
