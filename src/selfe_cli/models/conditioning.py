@@ -10,11 +10,11 @@ A condition is batched on dim 0 and is one of:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-Cond = Union[None, torch.Tensor, dict[str, torch.Tensor]]
+Cond = None | torch.Tensor | dict[str, torch.Tensor]
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

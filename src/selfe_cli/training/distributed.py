@@ -64,7 +64,7 @@ def all_reduce_mean(values: dict[str, torch.Tensor], device: torch.device) -> di
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, t.tolist())}
+    return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def cleanup() -> None:
