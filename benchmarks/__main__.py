@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from benchmarks import quality2d, shapes_quality, speed
 from benchmarks.common import command_line, machine_info, utc_now
+from selfe_cli.cli.app import table_console
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("quality2d", "shapes", "speed")
@@ -70,8 +70,8 @@ _GPU_MODELS = {
 SUITES = {
     "cpu": lambda: Suite(
         name="cpu",
-        toy=quality2d.Toy2DBudget(total_steps=2000, batch_size=256, eval_samples=20_000, steps=QUALITY_STEPS),
-        shapes=shapes_quality.ShapesBudget(total_steps=300, batch_size=32, per_tag=8, n_per_prompt=2,
+        toy=quality2d.Toy2DBudget(total_steps=1500, batch_size=256, eval_samples=10_000, steps=QUALITY_STEPS),
+        shapes=shapes_quality.ShapesBudget(total_steps=250, batch_size=32, per_tag=8, n_per_prompt=2,
                                            steps=QUALITY_STEPS),
         train_models={"unet": _CPU_UNET, "DiT-tiny/2": _CPU_DIT}, train_batch=32, train_rounds=6,
         precision="fp32", compile_variants=False,
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         ap.error(f"--only: unknown part {unknown[0]!r}; expected some of {', '.join(PARTS)}")
-    console = Console()
+    console = table_console()
 
     def log(msg: str) -> None:
         console.log(msg)

@@ -80,11 +80,11 @@ def count_step_flops(method: Any, net: torch.nn.Module, ema: torch.nn.Module, x0
     """FLOPs of one training step (forward, JVP, backward), as ``torch.utils.flop_counter`` counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False)  # one block: entering the mode again resets its counts
     torch.manual_seed(0)
-    with counter, _autocast(device, precision):
-        out = method.loss(net, x0, cond, null_cond=null, step=1, total_steps=2, ema_net=ema)
     with counter:
+        with _autocast(device, precision):
+            out = method.loss(net, x0, cond, null_cond=null, step=1, total_steps=2, ema_net=ema)
         out.loss.backward()
     net.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

@@ -35,11 +35,11 @@ def _roughen(net: nn.Module, scale: float = 0.05) -> nn.Module:
     return net
 
 
-def tiny_unet(dropout: float = 0.0) -> nn.Module:
+def tiny_unet(dropout: float = 0.0, skip_sigma_data: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
     return _roughen(build_model("unet", sample_size=8, in_channels=2, model_channels=8, channel_mult=(1, 2),
                                 num_blocks=1, attn_resolutions=(4,), num_heads=2, dropout=dropout,
-                                time_freq_dim=16))
+                                time_freq_dim=16, skip_sigma_data=skip_sigma_data))
 
 
 def tiny_dit(num_classes: int = 3) -> nn.Module:
@@ -141,9 +141,10 @@ def _central_difference(net, z, t, r, cond, dz, dt, h=1e-5):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("kind", ["unet", "unet-input-skip", "dit"])
 def test_jvp_equals_central_differences(kind, fast):
-    net = (tiny_unet() if kind == "unet" else tiny_dit()).double()
+    nets = {"unet": tiny_unet, "unet-input-skip": lambda: tiny_unet(skip_sigma_data=0.5), "dit": tiny_dit}
+    net = nets[kind]().double()
     torch.manual_seed(2)
     n = 3
     z = torch.randn(n, 2, 8, 8, dtype=torch.float64)

@@ -117,3 +117,39 @@ def test_attention_backend_names() -> None:
     with pytest.raises(ValueError, match="unknown attention backend"):
         with attention_backend("fastest"):
             pass
+
+
+@pytest.mark.parametrize("sigma", [0.25, 0.5, 1.0])
+def test_velocity_skip_is_the_least_squares_coefficient(sigma):
+    """c_skip(t) = argmin_a E||v - a x_t||^2 for x0 ~ N(0, sigma^2), eps ~ N(0, 1) (checked by regression)."""
+    from selfe_cli.models.embeddings import velocity_skip
+
+    g = torch.Generator().manual_seed(0)
+    x0 = sigma * torch.randn(200_000, generator=g, dtype=torch.float64)
+    eps = torch.randn(200_000, generator=g, dtype=torch.float64)
+    for t in (0.0, 0.1, 0.5, 0.9, 1.0):
+        xt, v = (1 - t) * x0 + t * eps, eps - x0
+        fitted = float((v * xt).mean() / (xt * xt).mean())
+        assert float(velocity_skip(torch.tensor(t), sigma)) == pytest.approx(fitted, rel=0.05, abs=0.01)
+    assert float(velocity_skip(torch.tensor(1.0), sigma)) == 1.0 and float(velocity_skip(torch.tensor(0.0), sigma)) == -1.0
+
+
+def test_unet_input_skip_makes_one_step_samples_the_network_output():
+    """With skip_sigma_data > 0 the U-Net outputs c_skip(t) x + F; at t = 1 the one-step sample x - V is -F."""
+    from selfe_cli.models.embeddings import velocity_skip
+    from selfe_cli.models.registry import build_model
+
+    kw = dict(sample_size=8, in_channels=3, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=())
+    torch.manual_seed(0)
+    plain = build_model("unet", **kw)
+    torch.manual_seed(0)
+    skip = build_model("unet", **kw, skip_sigma_data=0.5)
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([1.0, 0.3])
+    torch.testing.assert_close(skip(x, t, t * 0), plain(x, t, t * 0) + velocity_skip(t, 0.5).view(2, 1, 1, 1) * x)
+    one_step = x[:1] - skip(x[:1], t[:1], t[:1] * 0)
+    torch.testing.assert_close(one_step, -plain(x[:1], t[:1], t[:1] * 0))
+    from selfe_cli.errors import UserError
+
+    with pytest.raises(UserError, match="skip_sigma_data"):
+        build_model("unet", **kw, skip_sigma_data=-1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.console import Console
 
 from selfe_cli.errors import UserError
 
@@ -15,6 +16,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def table_console(stderr: bool = False) -> Console:
+    """A Rich console for tables: the terminal's width, or 160 columns when the output is a file or pipe
+    (Rich's default of 80 would cut the model and tag columns of sweep tables)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
 
 
 def fail(message: str) -> None:

@@ -10,14 +10,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from selfe_cli.cli.app import app
+from selfe_cli.cli.app import app, table_console
 from selfe_cli.errors import UserError
 
 eval_app = typer.Typer(help="Evaluate trained models: FID-50K, GenEval (real or shapes suite), step sweeps.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-console = Console()
+console = table_console()
 err_console = Console(stderr=True)
 
 StepsOpt = Annotated[str, typer.Option(help="Comma-separated step counts, e.g. 1,2,4,50: one row per count.")]

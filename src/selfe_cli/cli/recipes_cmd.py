@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from selfe_cli.cli.app import app
+from selfe_cli.cli.app import app, table_console
 
 
 @app.command()
 def recipes() -> None:
     """List the bundled recipes (use them by name or as recipes/NAME.yaml)."""
-    from rich.console import Console
     from rich.table import Table
 
     from selfe_cli.recipes.loader import bundled_recipes, read_yaml
@@ -23,4 +22,4 @@ def recipes() -> None:
         table.add_row(name, str((raw.get("method") or {}).get("name", "flow_matching")),
                       str((raw.get("model") or {}).get("name", "?")), str((raw.get("data") or {}).get("name", "?")),
                       str((raw.get("train") or {}).get("total_steps", "")), desc)
-    Console().print(table)
+    table_console().print(table)

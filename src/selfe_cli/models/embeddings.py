@@ -91,6 +91,19 @@ class TwoTimeEmbedder(nn.Module):
         return self.t_embedder(t) + self.h_embedder(t - r)  # (N, out_dim)
 
 
+def velocity_skip(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """``c_skip(t) = Cov(v, x_t) / Var(x_t) = (t - (1 - t) s^2) / ((1 - t)^2 s^2 + t^2)``, s = sigma_data.
+
+    The best linear prediction of the velocity ``v = eps - x0`` from ``x_t = (1 - t) x0 + t eps`` for data of
+    standard deviation s (EDM's c_skip, derived for this path): 1 at t = 1, -1 at t = 0. A network that
+    outputs ``c_skip(t) x_t + F`` needs no identity mapping of the noise at t = 1, where a one-step sample
+    ``x_t - V`` is then ``-F`` exactly: small, briefly trained networks otherwise leave residual noise.
+    """
+    t = t if t.dtype == torch.float64 else t.float()  # at least fp32 (bf16 t would round c_skip)
+    s2 = sigma_data ** 2
+    return (t - (1 - t) * s2) / ((1 - t) ** 2 * s2 + t ** 2)
+
+
 def as_time(t: torch.Tensor | float, n: int, device: torch.device) -> torch.Tensor:
     """Times as a float vector (N,): scalars and 0-d tensors are broadcast to the batch."""
     if not isinstance(t, torch.Tensor):

@@ -28,7 +28,7 @@ from torch import nn
 
 from selfe_cli.models.base import ConditionEmbedder, ConditionKind, TextEncoderKind, TwoTimeModel
 from selfe_cli.models.conditioning import Cond
-from selfe_cli.models.embeddings import TwoTimeEmbedder, as_time, key_padding_bias, sdpa
+from selfe_cli.models.embeddings import TwoTimeEmbedder, as_time, key_padding_bias, sdpa, velocity_skip
 
 SKIP_SCALE = 1 / math.sqrt(2)
 
@@ -213,6 +213,7 @@ class UNet(TwoTimeModel):
         pooled_dim: int = 0,
         cross_attention: bool = True,
         cross_attn_resolutions: tuple[int, ...] | None = None,
+        skip_sigma_data: float = 0.0,
     ):
         super().__init__()
         if resample not in ("biggan", "conv"):
@@ -220,7 +221,10 @@ class UNet(TwoTimeModel):
         if sample_size % (2 ** (len(channel_mult) - 1)):
             raise ValueError(f"sample_size {sample_size} is not divisible by 2^{len(channel_mult) - 1} "
                              f"(channel_mult has {len(channel_mult)} levels)")
+        if skip_sigma_data < 0:
+            raise ValueError(f"skip_sigma_data must be >= 0 (0: off), got {skip_sigma_data}")
         self.cond_kind, self.in_channels, self.sample_size = condition, in_channels, sample_size
+        self.skip_sigma_data = skip_sigma_data
         self.text_encoder_kind = text_encoder if condition == "text" else None
         self.num_levels = len(channel_mult)
         out_channels = out_channels or in_channels
@@ -312,4 +316,6 @@ class UNet(TwoTimeModel):
                 h = torch.cat([h, skips.pop()], dim=1)  # (N, C + Cskip, H', W')
             h = layer(h, emb, context, mask)
         out = self.conv_out(F.silu(self.norm_out(h)))  # (N, Cout, H, W)
+        if self.skip_sigma_data > 0:  # V = c_skip(t) x_t + F (off by default: DDPM++ has no input skip)
+            out = out + velocity_skip(t, self.skip_sigma_data).view(n, 1, 1, 1) * x
         return out.to(x.dtype).contiguous()
