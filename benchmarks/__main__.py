@@ -217,8 +217,8 @@ def run_speed(s: Suite, device: torch.device, log) -> dict[str, Any]:
 def versions() -> dict[str, str]:
     from importlib import metadata
 
-    out = {}
-    for pkg in ("selfe", "torch", "numpy", "scipy", "diffusers", "transformers", "open_clip_torch", "torchmetrics",
+    out = {"torch": torch.__version__}  # with its build tag (+cpu, +cu130): the distribution metadata lacks it
+    for pkg in ("selfe", "numpy", "scipy", "diffusers", "transformers", "open_clip_torch", "torchmetrics",
                 "torch-fidelity"):
         try:
             out[pkg] = metadata.version(pkg)

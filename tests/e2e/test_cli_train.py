@@ -50,14 +50,14 @@ def test_train_sample_and_rerun(tmp_path, tiny_recipe):
     selfe("sample", "a red square", "--steps", "2", "--n", "1", "--seed", "6", "--out", alone, cwd=tmp_path)
     from PIL import Image
 
-    assert (torch.from_numpy(np.asarray(Image.open(alone / "000006.png"))) ==
-            torch.from_numpy(np.asarray(Image.open(out / "000006.png")))).all()
+    assert (torch.from_numpy(np.array(Image.open(alone / "000006.png"))) ==
+            torch.from_numpy(np.array(Image.open(out / "000006.png")))).all()
     # sampler options: stochastic steps with midpoint landing differ from the default, bad values are one line
     mid = tmp_path / "mid"
     selfe("sample", "a red square", "--steps", "2", "--n", "1", "--seed", "6", "--r-mode", "mid", "--eta", "1",
           "--out", mid, cwd=tmp_path)
-    assert not (torch.from_numpy(np.asarray(Image.open(mid / "000006.png"))) ==
-                torch.from_numpy(np.asarray(Image.open(out / "000006.png")))).all()
+    assert not (torch.from_numpy(np.array(Image.open(mid / "000006.png"))) ==
+                torch.from_numpy(np.array(Image.open(out / "000006.png")))).all()
     proc = selfe("sample", "a red square", "--r-mode", "middle", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--r-mode" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     # a changed recipe does not silently continue an old run
