@@ -61,3 +61,13 @@ def test_imagenet_meanflow_recipes(name, w, kappa, t_max):
     assert (m.time_sampler_t.mean, m.time_sampler_t.std, m.ratio_r_neq_t, m.weight_p) == (-0.4, 1.0, 0.25, 1.0)
     assert (m.guidance.w, m.guidance.kappa, m.guidance.t_max, m.cond_dropout) == (w, kappa, t_max, 0.1)
     assert r.data.name == "latents" and r.model.kwargs["in_channels"] == 4
+
+
+def test_the_2b_selfe_recipe_trains_sharded():
+    r = load_recipe("t2i_selfe_2b")
+    assert (r.train.parallel, r.train.activation_checkpointing, r.train.precision) == ("fsdp", True, "bf16")
+    with torch.device("meta"):
+        net = build_model(r.model.name, **model_kwargs(r, None))
+    assert getattr(net, "_supports_gradient_checkpointing", False)
+    units = {type(m).__name__ for m in net.modules()} & set(net._no_split_modules)
+    assert units == {"DoubleStreamBlock", "SingleStreamBlock"}  # one FSDP unit per block

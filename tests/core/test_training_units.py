@@ -69,7 +69,7 @@ def test_checkpoint_round_trip_and_pruning(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30):
         ckpt_io.write_checkpoint(root, step, model=net.state_dict(), emas={0.99: net.state_dict()},
-                                 optimizer=opt, state={"step": step}, keep=2)
+                                 optimizer=opt.state_dict(), state={"step": step}, keep=2)
     assert [p.name for p in ckpt_io.list_checkpoints(root)] == ["step-0000020", "step-0000030"]
     # a half-written checkpoint is ignored
     (root / ".tmp-step-0000040").mkdir()

@@ -34,6 +34,9 @@ def test_recipe_mistakes(tmp_path, recipe_text, words):
     (["train", "quickstart", "--set", "trian.lr=1"], ["did you mean 'train'"]),
     (["sample", "a red cube", "--ckpt", "no/such/run"], ["no/such/run"]),
     (["sample", "a red cube"], ["no trained run"]),
+    (["train", "quickstart", "--set", "train.activation_checkpointing=true"],
+     ["train.activation_checkpointing", "UNet"]),
+    (["train", "quickstart", "--set", "train.parallel=zero3"], ["train.parallel", "fsdp"]),
 ])
 def test_cli_mistakes(tmp_path, args, words):
     proc = selfe(*args, cwd=tmp_path, check=False)

@@ -12,7 +12,6 @@ from selfe_cli.models.mmdit import (
     default_rope_axes,
     position_ids,
     rope_angles,
-    shard_module_classes,
 )
 from selfe_cli.models.text import null_input_ids, tokenize
 
@@ -173,4 +172,5 @@ def test_registry_presets_and_paper_sizes():
     assert half.config.hidden_size // half.config.num_heads == 64
     assert 0.45e9 < count_parameters(half) < 0.65e9  # "0.5B"
     blocks = [type(b) for b in big.blocks]
-    assert set(blocks) == set(shard_module_classes()) and len(blocks) == 24
+    # the FSDP units (train.parallel: fsdp shards each block named in _no_split_modules)
+    assert {b.__name__ for b in blocks} == set(big._no_split_modules) and len(blocks) == 24

@@ -27,6 +27,24 @@ def unwrap(net: nn.Module) -> nn.Module:
             return net
 
 
+def is_sharded(net: nn.Module) -> bool:
+    """FSDP2-sharded (``fully_shard``): each forward all-gathers parameters, a collective.
+
+    Every rank must then run the same forwards, so a data-dependent row selection that is empty on one
+    rank may not skip a call there: the methods evaluate a placeholder row instead and discard it.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(net), FSDPModule)
+
+
+def rows_or_placeholder(rows: torch.Tensor, sharded: bool) -> tuple[torch.Tensor | None, bool]:
+    """(rows to evaluate or None to skip the call, whether the result is real)."""
+    if rows.numel() > 0:
+        return rows, True
+    return (rows.new_zeros(1), False) if sharded else (None, False)
+
+
 class Method:
     """A training objective on the two-time network ``net(x, t, r, cond)``.
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from selfe_cli.config import spec
 from selfe_cli.errors import UserError
-from selfe_cli.methods.base import LossOutput, Method, drop_condition, unwrap
+from selfe_cli.methods.base import LossOutput, Method, drop_condition, is_sharded, rows_or_placeholder, unwrap
 from selfe_cli.methods.jvp import JvpDtype, dual_jvp, jvp_precision
 from selfe_cli.methods.paths import TimeSamplerConfig, bcast, interpolate, sample_time, velocity
 from selfe_cli.models.conditioning import Cond, cond_cat, cond_index
@@ -184,8 +184,8 @@ class MeanFlow(Method):
         g = self.config.guidance
         if not g.active or cond is None:
             return v
-        rows = guidance_rows(t, dropped, g).nonzero().squeeze(1)  # (K,)
-        if rows.numel() == 0:
+        rows, real = rows_or_placeholder(guidance_rows(t, dropped, g).nonzero().squeeze(1), is_sharded(net))  # (K,)
+        if rows is None:
             return v
         zk, tk = _jvp_input(z.index_select(0, rows)), t.index_select(0, rows)
         both_cond = cond_cat(cond_index(cond, rows), cond_index(null_cond, rows))
@@ -194,7 +194,7 @@ class MeanFlow(Method):
             both = unwrap(net)(torch.cat([zk, zk]), torch.cat([tk, tk]), torch.cat([tk, tk]), both_cond)
         u_cond, u_null = both.to(v.dtype).chunk(2)  # (K, ...) each
         guided = guided_velocity(v.index_select(0, rows), u_cond, u_null, g.w, g.kappa)
-        return v.index_copy(0, rows, guided)
+        return v.index_copy(0, rows, guided) if real else v
 
     def u_and_target(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Cond,
                      v_tan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +204,9 @@ class MeanFlow(Method):
         """
         cfg = self.config
         dt = torch.ones_like(t)
-        if not (cfg.memory_saving or _uses_ddp_sink(net)):
+        # FSDP's post-backward hook (a custom autograd Function) has no forward-AD rule, so a sharded network
+        # takes the memory-saving route: the JVP without graph, then the forward with graph (same gradients)
+        if not (cfg.memory_saving or _uses_ddp_sink(net) or is_sharded(net)):
             with jvp_precision(z.device, cfg.jvp_dtype):
                 u, dudt = dual_jvp(net, (_jvp_input(z), t, r, cond), (v_tan, dt, None, None))
         else:
@@ -213,23 +215,23 @@ class MeanFlow(Method):
                 if _has_active_dropout(bare):
                     raise UserError("method.jvp_only_r_neq_t: the network has active dropout, so the JVP "
                                     "rows cannot reuse the training forward's masks; set it to false")
-                rows = (r != t).nonzero().squeeze(1)  # (K,)
+                rows, real = rows_or_placeholder((r != t).nonzero().squeeze(1), is_sharded(net))  # (K,)
             else:
-                rows = None
+                rows, real = None, True
             devices = [z.device] if z.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices, device_type=z.device.type), torch.no_grad(), \
                     jvp_precision(z.device, cfg.jvp_dtype):
-                if rows is None:
+                if not cfg.jvp_only_r_neq_t:
                     _, dudt = dual_jvp(bare, (_jvp_input(z), t, r, cond), (v_tan, dt, None, None))
-                elif rows.numel() > 0:
+                elif rows is not None:
                     _, sub = dual_jvp(bare, (_jvp_input(z.index_select(0, rows)), t.index_select(0, rows),
                                              r.index_select(0, rows), cond_index(cond, rows)),
                                       (v_tan.index_select(0, rows), dt.index_select(0, rows), None, None))
             # RNG restored: this forward draws the same dropout masks as the JVP pass did.
             u = net(z, t, r, cond)
-            if rows is not None:
+            if cfg.jvp_only_r_neq_t:
                 dudt = torch.zeros_like(v_tan)
-                if rows.numel() > 0:
+                if real:
                     dudt = dudt.index_copy(0, rows, sub.to(dudt.dtype))
         u_tgt = v_tan - bcast(t - r, v_tan) * dudt.to(v_tan.dtype)  # MeanFlow identity [6]
         return u, u_tgt.detach()

@@ -32,7 +32,7 @@ from torch import nn
 
 from selfe_cli.config import spec
 from selfe_cli.errors import UserError
-from selfe_cli.methods.base import LossOutput, Method, drop_condition, unwrap
+from selfe_cli.methods.base import LossOutput, Method, drop_condition, is_sharded, rows_or_placeholder, unwrap
 from selfe_cli.methods.paths import bcast, interpolate
 from selfe_cli.models.conditioning import Cond, cond_cat, cond_index
 
@@ -357,12 +357,14 @@ class SelfE(Method):
 
         fake_on = c.fake_score and step >= self.fake_start(total_steps)
         fake_idx = (~dropped).nonzero().squeeze(1) if fake_on else None
+        sharded = is_sharded(net)
+        # DDP and FSDP: one forward with grad per backward
         fused = self.fuse_grad_passes if self.fuse_grad_passes is not None else \
-            isinstance(net, nn.parallel.DistributedDataParallel)
+            (isinstance(net, nn.parallel.DistributedDataParallel) or sharded)
 
         # --- grad-carrying passes: the long jump (and the fake-score branch) -----------------
         v_fake = None
-        if fake_on and fused and fake_idx.numel() > 0:
+        if fake_on and fused and (fake_idx.numel() > 0 or sharded):  # FSDP: the same passes on every rank
             # DDP allows one forward with grad per backward, and the fake branch's input depends on
             # x0_hat: get sg[x0_hat] from a no-grad pass first, then one forward on [x_t ; x_s_hat].
             with torch.no_grad():
@@ -385,9 +387,9 @@ class SelfE(Method):
         # On the unwrapped module: no DDP bookkeeping or buffer broadcast (collectives would hang
         # when ranks select different numbers of samples), and no graph is built.
         x_self = x0_hat.detach().clone()  # lambda = 0 where unused, any finite value will do
-        active = (lam > 0).nonzero().squeeze(1)
+        active, real = rows_or_placeholder((lam > 0).nonzero().squeeze(1), sharded)
         used_ema = 0.0
-        if active.numel() > 0:
+        if active is not None:
             def pick(which: str) -> nn.Module:
                 nonlocal used_ema
                 if which == "ema":
@@ -407,7 +409,8 @@ class SelfE(Method):
                 reqs.append((pick(c.fake_eval_weights), cond_index(fake_cond, a)))
             with torch.no_grad():
                 gs = _batched_g(reqs, x_s_hat[a].to(x_t.dtype), s[a])
-            x_self[a] = self_eval_target(x0_hat[a].detach(), gs[0], gs[1], gs[2] if fake_on else None, c.fake_k)
+            if real:
+                x_self[a] = self_eval_target(x0_hat[a].detach(), gs[0], gs[1], gs[2] if fake_on else None, c.fake_k)
 
         # --- loss [16]-[21] --------------------------------------------------------------------
         x0f = _work(x0).to(x0_hat.dtype)

@@ -64,6 +64,8 @@ class FinalLayer(nn.Module):
 class DiT(TwoTimeModel):
     """Two-time DiT; presets ``DiT-{S,B,M,L,XL}/{2,4,8}`` and ``DiT-tiny/{2,4}`` live in the registry."""
 
+    _no_split_modules = ["DiTBlock"]  # the FSDP units under train.parallel: fsdp
+
     @register_to_config
     def __init__(
         self,

@@ -318,9 +318,3 @@ register_model("mmdit-0.5b", MMDiT, fixed=dict(hidden_size=1024, num_heads=16, d
 register_model("mmdit-2b", MMDiT,
                fixed=dict(hidden_size=2048, num_heads=16, depth_double=8, depth_single=16),
                defaults=dict(_PAPER_TEXT, rope_axes=(16, 56, 56)))
-
-
-def shard_module_classes() -> tuple[type[nn.Module], ...]:
-    """The block classes to wrap for FSDP2 ``fully_shard`` / activation checkpointing."""
-    return DoubleStreamBlock, SingleStreamBlock
-

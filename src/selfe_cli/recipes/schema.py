@@ -34,6 +34,11 @@ class TrainConfig:
                                     metadata=spec(ge=0, lt=1, help="one EMA copy per decay; the first is used to sample"))
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=spec(help="bf16: autocast on CUDA, fp32 weights"))
     compile: bool = field(default=False, metadata=spec(help="torch.compile the network"))
+    parallel: Literal["ddp", "fsdp"] = field(
+        default="ddp", metadata=spec(help="under torchrun: ddp (a replica per GPU) or fsdp (FSDP2: parameters, "
+                                          "gradients and optimiser state sharded over GPUs)"))
+    activation_checkpointing: bool = field(
+        default=False, metadata=spec(help="recompute each block's activations in backward (mmdit models)"))
     log_every_steps: int = field(default=50, metadata=spec(ge=1, help="metrics.jsonl / TensorBoard interval"))
     checkpoint_every_steps: int = field(default=500, metadata=spec(ge=1, help="checkpoint interval"))
     keep_checkpoints: int = field(default=2, metadata=spec(ge=1, help="how many recent checkpoints to keep"))

@@ -48,9 +48,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimiser state dict into tensors (safetensors) and JSON-able metadata."""
-    sd = optimizer.state_dict()
+def optimizer_to_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state dict (``optimizer.state_dict()``) into tensors and JSON-able metadata."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -62,21 +61,29 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           meta: dict[str, Any]) -> None:
+def optimizer_from_tensors_dict(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``optimizer_to_tensors``: an ``optimizer.state_dict()``-shaped dict."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     for idx, values in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           meta: dict[str, Any]) -> None:
+    optimizer.load_state_dict(optimizer_from_tensors_dict(tensors, meta))
 
 
 def write_checkpoint(ckpt_root: Path, step: int, *, model: dict[str, torch.Tensor],
-                     emas: dict[float, dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                     emas: dict[float, dict[str, torch.Tensor]], optimizer: dict[str, Any],
                      state: dict[str, Any], keep: int) -> Path:
-    """Write ``step-XXXXXXX`` atomically, then prune to the ``keep`` most recent."""
+    """Write ``step-XXXXXXX`` atomically, then prune to the ``keep`` most recent.
+
+    ``optimizer`` is a state dict in ``torch.optim.Optimizer.state_dict()`` form (integer parameter keys).
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"

@@ -23,6 +23,7 @@ from selfe_cli.errors import UserError
 from selfe_cli.methods.base import Method
 from selfe_cli.models.conditioning import Conditioner, cond_to
 from selfe_cli.training import checkpoint as ckpt_io
+from selfe_cli.training import fsdp
 from selfe_cli.training.data_order import MicroBatchSampler, micro_seed
 from selfe_cli.training.distributed import DistInfo, all_reduce_flag, all_reduce_mean, barrier
 from selfe_cli.training.ema import EMA
@@ -72,6 +73,8 @@ def training_loop(
     ema_decays: tuple[float, ...] = (0.999,),  # one EMA per decay, per optimiser step
     precision: str = "fp32",            # "bf16": autocast on CUDA
     compile: bool = False,              # torch.compile the training forward
+    parallel: str = "ddp",              # "ddp": a replica per rank; "fsdp": sharded over ranks (FSDP2)
+    activation_checkpointing: bool = False,  # recompute block activations in backward (memory for time)
     num_workers: int = 0,               # data-loader workers per rank
     log_every_steps: int = 50,          # metrics interval
     checkpoint_every_steps: int = 500,  # checkpoint interval
@@ -91,13 +94,22 @@ def training_loop(
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
 
+    if parallel not in ("ddp", "fsdp"):
+        raise UserError(f"train.parallel: expected 'ddp' or 'fsdp', got {parallel!r}")
+    sharded = parallel == "fsdp" and dist.enabled
+    if parallel == "fsdp" and not dist.enabled and progress:
+        print("note: train.parallel=fsdp shards over torchrun processes; a single process trains unsharded")
+    if activation_checkpointing:
+        if not getattr(net, "_supports_gradient_checkpointing", False):
+            raise UserError(f"train.activation_checkpointing: {type(net).__name__} does not support it "
+                            f"(the mmdit models do); set it to false")
+        net.enable_gradient_checkpointing()
+
     net = net.to(device)
     ema = EMA(net, list(ema_decays))
-    opt = build_optimizer([p for p in net.parameters() if p.requires_grad], kind=optimizer, lr=lr, betas=betas,
-                          eps=eps, weight_decay=weight_decay, device=device)
 
-    # ---- resume ---------------------------------------------------------------------------------
-    start_step, nonfinite_total = 0, 0
+    # ---- resume: full weights go into the unsharded networks, before sharding -------------------
+    start_step, nonfinite_total, state = 0, 0, None
     latest = ckpt_io.latest_checkpoint(ckpt_root)
     if latest is not None:
         state = ckpt_io.read_checkpoint_state(latest)
@@ -108,17 +120,28 @@ def training_loop(
             raise UserError(f"{latest}: no EMA weights for decay {missing[0]:g} (found: "
                             f"{', '.join(f'{d:g}' for d in found) or 'none'}); keep train.ema_decays as they were")
         ema.load_state_dicts({d: ckpt_io.load_weights(found[d]) for d in ema.decays})
-        opt_tensors = ckpt_io.load_weights(latest / "optimizer.safetensors")
-        ckpt_io.optimizer_from_tensors(opt, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
         start_step = int(state["step"])
         nonfinite_total = int(state.get("nonfinite_total", 0))
         if dist.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     train_net: nn.Module = net
-    if dist.enabled:
+    if sharded:
+        fsdp.shard_model(net, device, world)
+        for ema_net in ema.models.values():  # same shards as the online network: a local EMA update
+            fsdp.shard_model(ema_net, device, world, inference_only=True)
+    elif dist.enabled:
         train_net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
+    # built after sharding: fully_shard replaces the parameters with sharded ones
+    opt = build_optimizer([p for p in net.parameters() if p.requires_grad], kind=optimizer, lr=lr, betas=betas,
+                          eps=eps, weight_decay=weight_decay, device=device)
+    if latest is not None:
+        opt_tensors = ckpt_io.load_weights(latest / "optimizer.safetensors")
+        if sharded:
+            fsdp.load_optimizer_state_dict(net, opt, ckpt_io.optimizer_from_tensors_dict(opt_tensors, state["optimizer"]))
+        else:
+            ckpt_io.optimizer_from_tensors(opt, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
     if compile:
         train_net = torch.compile(train_net)
 
@@ -144,10 +167,22 @@ def training_loop(
             writer = None
     metrics_file = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
 
+    def main_copy(model: nn.Module) -> nn.Module | None:
+        """The network to sample from / export on rank 0 (a collective under FSDP); None elsewhere."""
+        if sharded:
+            return fsdp.unsharded_copy(model, device, dist.is_main)
+        return model if dist.is_main else None
+
     def save(step: int) -> None:
+        if sharded:  # collectives: every rank takes part, rank 0 gets the full tensors
+            model_sd = fsdp.full_state_dict(net)
+            ema_sds = {d: fsdp.full_state_dict(m) for d, m in ema.models.items()}
+            opt_sd = fsdp.full_optimizer_state_dict(net, opt)
+        else:
+            model_sd, ema_sds, opt_sd = net.state_dict(), ema.state_dicts(), opt.state_dict()
         if dist.is_main:
             ckpt_io.write_checkpoint(
-                ckpt_root, step, model=net.state_dict(), emas=ema.state_dicts(), optimizer=opt,
+                ckpt_root, step, model=model_sd, emas=ema_sds, optimizer=opt_sd,
                 state={"step": step, "seed": seed, "nonfinite_total": nonfinite_total,
                        "data_position": step * batch_size, "world_size": world,
                        "rng": {"derived_from": "(seed, step, micro-batch)"}, **(run_state or {})},
@@ -195,7 +230,11 @@ def training_loop(
                         fake_captions(batch["caption"], method.cfg.fake_suffix)), device)
                 torch.manual_seed(micro_seed(seed, step, rnd * world + dist.rank))
                 last_round = rnd == grad_accum_rounds - 1
-                sync = contextlib.nullcontext() if (last_round or not dist.enabled) else train_net.no_sync()
+                if sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                    net.set_requires_gradient_sync(last_round)
+                    sync = contextlib.nullcontext()
+                else:
+                    sync = contextlib.nullcontext() if (last_round or not dist.enabled) else train_net.no_sync()
                 with sync:
                     with autocast:
                         out = method.loss(train_net, x0, cond, null_cond=null_cond, step=step,
@@ -212,6 +251,8 @@ def training_loop(
             grad_norm = None
             if not skip and grad_clip is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+                    grad_norm = grad_norm.full_tensor()
                 if not torch.isfinite(grad_norm):
                     skip = True
             if skip:
@@ -260,15 +301,19 @@ def training_loop(
             if done % checkpoint_every_steps == 0 and done != total_steps:
                 save(done)
             if sample_fn is not None and sample_every_steps > 0 and done % sample_every_steps == 0 \
-                    and done != total_steps and dist.is_main:
-                sample_fn(ema.primary, done)
+                    and done != total_steps:
+                sampling_net = main_copy(ema.primary)
+                if sampling_net is not None:
+                    sample_fn(sampling_net, done)
+                del sampling_net
         final_step = max(total_steps, start_step)
         if start_step < total_steps:
             save(total_steps)
-        if dist.is_main:
+        final_net = main_copy(ema.primary)
+        if final_net is not None:
             if sample_fn is not None and start_step < total_steps:
-                sample_fn(ema.primary, total_steps)
-            export_final(ema.primary, run_dir / "final")
+                sample_fn(final_net, total_steps)
+            export_final(final_net, run_dir / "final")
         barrier()
     finally:
         if progress_bar is not None:

@@ -19,6 +19,7 @@ RESUMABLE_CHANGES = {
     ("train", "total_steps"), ("train", "log_every_steps"), ("train", "checkpoint_every_steps"),
     ("train", "keep_checkpoints"), ("train", "sample_every_steps"), ("data", "num_workers"),
     ("train", "max_nonfinite_in_a_row"), ("train", "compile"), ("run", "name"), ("run", "dir"),
+    ("train", "parallel"), ("train", "activation_checkpointing"),  # checkpoints are the same full tensors
 }
 
 
@@ -139,7 +140,8 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
             grad_accum_rounds=t.grad_accum_rounds, optimizer=t.optimizer, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
             weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule,
             final_lr=t.final_lr, grad_clip=t.grad_clip, ema_decays=tuple(t.ema_decays), precision=t.precision,
-            compile=t.compile, num_workers=recipe.data.num_workers, log_every_steps=t.log_every_steps,
+            compile=t.compile, parallel=t.parallel, activation_checkpointing=t.activation_checkpointing,
+            num_workers=recipe.data.num_workers, log_every_steps=t.log_every_steps,
             checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
             sample_every_steps=t.sample_every_steps, max_nonfinite_in_a_row=t.max_nonfinite_in_a_row,
             sample_fn=sample_fn, progress=progress, run_state={"recipe_sha256": recipe_hash},
