@@ -13,15 +13,14 @@ from typing import Any
 import torch
 
 from selfe_cli.config import from_dict
-from selfe_cli.methods import METHODS, Method
+from selfe_cli.methods import METHODS, Method, build_method
 
 
 def get_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
     """A method from its recipe name and ``method:`` overrides, validated like a recipe section."""
     if name not in METHODS:
         raise SystemExit(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    entry = METHODS[name]
-    return entry.cls(from_dict(entry.config_class, dict(overrides or {}), f"method[{name}]"))
+    return build_method(name, from_dict(METHODS[name].config_class, dict(overrides or {}), f"method[{name}]"))
 
 
 def cpu_model() -> str:

@@ -127,11 +127,7 @@ def train_one(kind: str, method_name: str, b: Toy2DBudget, run_dir: Path, device
 
 def sampler_kwargs(method: Any, net: Any) -> dict[str, Any]:
     """The method's own sampler rule (``r_mode``; Self-E also its training time shift)."""
-    try:
-        kw = method.sampler_defaults(net)
-    except TypeError:  # methods whose defaults do not depend on the network
-        kw = method.sampler_defaults()
-    return {k: v for k, v in kw.items() if k in ("r_mode", "shift")}
+    return {k: v for k, v in method.sampler_defaults(net).items() if k in ("r_mode", "shift")}
 
 
 @torch.no_grad()

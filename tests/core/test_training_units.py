@@ -80,7 +80,8 @@ def test_checkpoint_round_trip_and_pruning(tmp_path):
     opt2 = torch.optim.Adam(net2.parameters(), lr=0.1)
     net2.load_state_dict(ckpt_io.load_weights(latest / "model.safetensors"))
     state = ckpt_io.read_checkpoint_state(latest)
-    ckpt_io.optimizer_from_tensors(opt2, ckpt_io.load_weights(latest / "optimizer.safetensors"), state["optimizer"])
+    opt2.load_state_dict(ckpt_io.optimizer_from_tensors(ckpt_io.load_weights(latest / "optimizer.safetensors"),
+                                                        state["optimizer"]))
     for k, v in opt.state_dict()["state"][0].items():
         assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt2.state_dict()["state"][0][k]))
     assert ckpt_io.ema_files(latest) == {0.99: latest / "ema-0.99.safetensors"}

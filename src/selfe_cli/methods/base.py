@@ -58,8 +58,9 @@ class Method:
              total_steps: int, ema_net: nn.Module | None = None) -> LossOutput:
         raise NotImplementedError
 
-    def sampler_defaults(self) -> dict:
-        """Defaults for ``sampling.sample`` (e.g. ``{"r_mode": "next"}``)."""
+    def sampler_defaults(self, net: nn.Module | None = None) -> dict:
+        """Defaults for ``sampling.sample`` (e.g. ``{"r_mode": "next"}``); ``net``: the network to be
+        sampled, for rules that depend on it (Self-E's time shift from its token count)."""
         return {"r_mode": "next"}
 
 

@@ -44,7 +44,7 @@ class FlowMatching(Method):
                 "mse_t<0.5": (per_sample * near_data).sum().detach() / near_data.sum().clamp(min=1)}
         return LossOutput(loss, logs)
 
-    def sampler_defaults(self) -> dict:
+    def sampler_defaults(self, net: nn.Module | None = None) -> dict:
         # Trained only at r = t, so every step evaluates the instantaneous velocity (Euler).
         return {"r_mode": "same"}
 

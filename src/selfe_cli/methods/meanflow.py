@@ -172,7 +172,7 @@ class MeanFlow(Method):
     def __init__(self, config: MeanFlowConfig | None = None):
         self.config = config or MeanFlowConfig()
 
-    def sampler_defaults(self) -> dict:
+    def sampler_defaults(self, net: nn.Module | None = None) -> dict:
         # Algorithm 2: each step lands at the next grid time, x_r = x_t - (t - r) u(x_t, r, t).
         return {"r_mode": "next"}
 

@@ -61,7 +61,7 @@ def optimizer_to_tensors(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_tensors_dict(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     """The inverse of ``optimizer_to_tensors``: an ``optimizer.state_dict()``-shaped dict."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
@@ -70,11 +70,6 @@ def optimizer_from_tensors_dict(tensors: dict[str, torch.Tensor], meta: dict[str
     for idx, values in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           meta: dict[str, Any]) -> None:
-    optimizer.load_state_dict(optimizer_from_tensors_dict(tensors, meta))
 
 
 def write_checkpoint(ckpt_root: Path, step: int, *, model: dict[str, torch.Tensor],

@@ -100,10 +100,11 @@ def training_loop(
     if parallel == "fsdp" and not dist.enabled and progress:
         print("note: train.parallel=fsdp shards over torchrun processes; a single process trains unsharded")
     if activation_checkpointing:
-        if not getattr(net, "_supports_gradient_checkpointing", False):
+        try:
+            net.enable_gradient_checkpointing()  # diffusers ModelMixin: refuses models without support
+        except ValueError:
             raise UserError(f"train.activation_checkpointing: {type(net).__name__} does not support it "
-                            f"(the mmdit models do); set it to false")
-        net.enable_gradient_checkpointing()
+                            f"(the mmdit models do); set it to false") from None
 
     net = net.to(device)
     ema = EMA(net, list(ema_decays))
@@ -137,11 +138,12 @@ def training_loop(
     opt = build_optimizer([p for p in net.parameters() if p.requires_grad], kind=optimizer, lr=lr, betas=betas,
                           eps=eps, weight_decay=weight_decay, device=device)
     if latest is not None:
-        opt_tensors = ckpt_io.load_weights(latest / "optimizer.safetensors")
+        opt_sd = ckpt_io.optimizer_from_tensors(ckpt_io.load_weights(latest / "optimizer.safetensors"),
+                                                state["optimizer"])
         if sharded:
-            fsdp.load_optimizer_state_dict(net, opt, ckpt_io.optimizer_from_tensors_dict(opt_tensors, state["optimizer"]))
+            fsdp.load_optimizer_state_dict(net, opt, opt_sd)
         else:
-            ckpt_io.optimizer_from_tensors(opt, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+            opt.load_state_dict(opt_sd)  # moves the state to the parameters' device
     if compile:
         train_net = torch.compile(train_net)
 
@@ -178,7 +180,7 @@ def training_loop(
             model_sd = fsdp.full_state_dict(net)
             ema_sds = {d: fsdp.full_state_dict(m) for d, m in ema.models.items()}
             opt_sd = fsdp.full_optimizer_state_dict(net, opt)
-        else:
+        elif dist.is_main:
             model_sd, ema_sds, opt_sd = net.state_dict(), ema.state_dicts(), opt.state_dict()
         if dist.is_main:
             ckpt_io.write_checkpoint(
