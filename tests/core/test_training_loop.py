@@ -105,3 +105,30 @@ def test_batch_not_divisible_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="train.batch_size"):
         run(tmp_path, build_method("flow_matching"), batch_size=9, grad_accum_rounds=2)
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_resume_is_exact(tmp_path, capsys):
+    from selfe_cli.errors import UserError
+
+    ref, _ = run(tmp_path / "ref", build_method("flow_matching"), checkpoint_every_steps=3, keep_checkpoints=2)
+    run_dir = tmp_path / "run"
+    run(run_dir, build_method("flow_matching"), total_steps=9, checkpoint_every_steps=3, keep_checkpoints=2)
+    ckpts = run_dir / "checkpoints"
+    model = ckpts / "step-0000009" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])  # cut short
+    capsys.readouterr()
+    net, result = run(run_dir, build_method("flow_matching"), checkpoint_every_steps=3, keep_checkpoints=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step-0000009" in err[0] and "model.safetensors" in err[0] and "step-0000006" in err[0]
+    assert result["resumed_from"] == 6
+    assert (ckpts / "step-0000009.damaged" / "model.safetensors").is_file()  # kept, not deleted
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000009", "step-0000009.damaged", "step-0000010"]
+    assert torch.equal(net.lin.weight, ref.lin.weight) and torch.equal(net.lin.bias, ref.lin.bias)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    # nothing intact: one error, nothing moved, nothing trained
+    for c in ckpts.glob("step-*[0-9]"):
+        (c / "state.json").write_text("{")
+    with pytest.raises(UserError, match="no intact checkpoint to resume from .*step-0000010: state.json"):
+        run(run_dir, build_method("flow_matching"), total_steps=12, checkpoint_every_steps=3, keep_checkpoints=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000009", "step-0000009.damaged", "step-0000010"]

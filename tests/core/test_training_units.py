@@ -1,5 +1,7 @@
 """Checkpoints, data order, learning-rate schedule, EMA."""
 
+import json
+
 import pytest
 import torch
 
@@ -85,3 +87,76 @@ def test_checkpoint_round_trip_and_pruning(tmp_path):
     for k, v in opt.state_dict()["state"][0].items():
         assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt2.state_dict()["state"][0][k]))
     assert ckpt_io.ema_files(latest) == {0.99: latest / "ema-0.99.safetensors"}
+
+
+def _write_three(root):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    for step in (10, 20, 30):
+        ckpt_io.write_checkpoint(root, step, model=net.state_dict(), emas={0.99: net.state_dict()},
+                                 optimizer=opt.state_dict(), state={"step": step}, keep=3)
+    return ckpt_io.list_checkpoints(root)
+
+
+def test_manifest_catches_truncation_flipped_bytes_and_bad_json(tmp_path):
+    root = tmp_path / "checkpoints"
+    c10, c20, c30 = _write_three(root)
+    assert all(ckpt_io.verify_checkpoint(c) is None for c in (c10, c20, c30))
+    manifest = json.loads((c30 / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"model.safetensors", "ema-0.99.safetensors", "optimizer.safetensors", "state.json"}
+    # cut short: the size no longer matches
+    raw = (c30 / "model.safetensors").read_bytes()
+    (c30 / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    assert "model.safetensors has" in ckpt_io.verify_checkpoint(c30)
+    # one byte of tensor data changed (these tiny files are mostly header): only the checksum sees it
+    raw = bytearray((c20 / "optimizer.safetensors").read_bytes())
+    raw[-5] ^= 0xFF
+    (c20 / "optimizer.safetensors").write_bytes(bytes(raw))
+    assert ckpt_io.safetensors_problem(c20 / "optimizer.safetensors") is None
+    assert "optimizer.safetensors does not match its sha256" in ckpt_io.verify_checkpoint(c20)
+    found, damaged = ckpt_io.newest_intact(root)
+    assert found == c10 and [p for p, _ in damaged] == [c30, c20]
+    assert ckpt_io.latest_checkpoint(root) == c10
+    # only the files asked for (and state.json) are read
+    assert ckpt_io.verify_checkpoint(c30, files=["ema-0.99.safetensors"]) is None
+    (c10 / "state.json").write_text('{"step": 10, "optim')
+    assert "state.json is not readable JSON" in ckpt_io.verify_checkpoint(c10)
+    (c10 / "manifest.json").unlink()  # state.json said there is one: its loss is damage, not an old format
+    (c10 / "state.json").write_text(json.dumps({"step": 10, "checksums": "manifest.json"}))
+    assert ckpt_io.verify_checkpoint(c10) == "manifest.json is missing"
+    assert ckpt_io.newest_intact(root)[0] is None
+
+
+def test_checkpoints_without_manifest_still_load_and_headers_are_checked(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpts = _write_three(root)
+    for c in ckpts:  # the format written before checksums
+        (c / "manifest.json").unlink()
+        state = json.loads((c / "state.json").read_text())
+        del state["checksums"]
+        (c / "state.json").write_text(json.dumps(state))
+    assert all(ckpt_io.verify_checkpoint(c) is None for c in ckpts)
+    raw = (ckpts[2] / "ema-0.99.safetensors").read_bytes()
+    (ckpts[2] / "ema-0.99.safetensors").write_bytes(raw[:-3])
+    assert "ema-0.99.safetensors has" in ckpt_io.verify_checkpoint(ckpts[2])
+    (ckpts[1] / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    assert "unreadable safetensors header" in ckpt_io.verify_checkpoint(ckpts[1])
+    (ckpts[0] / "optimizer.safetensors").unlink()
+    assert ckpt_io.verify_checkpoint(ckpts[0]) == "optimizer.safetensors is missing"
+
+
+def test_pruning_only_removes_older_checkpoints_and_set_aside_keeps_data(tmp_path):
+    root = tmp_path / "checkpoints"
+    c10, c20, c30 = _write_three(root)
+    aside = ckpt_io.set_aside(c30)
+    assert aside.name == "step-0000030.damaged" and (aside / "model.safetensors").is_file()
+    (root / "step-0000030").mkdir()
+    assert ckpt_io.set_aside(root / "step-0000030").name == "step-0000030.damaged-2"
+    (root / "step-0000090").mkdir()  # a damaged (empty) newer directory does not count against keep
+    net = torch.nn.Linear(3, 2)
+    ckpt_io.write_checkpoint(root, 40, model=net.state_dict(), emas={}, optimizer={"state": {}, "param_groups": []},
+                             state={"step": 40}, keep=2)
+    assert [p.name for p in ckpt_io.list_checkpoints(root)] == ["step-0000020", "step-0000040", "step-0000090"]
+    assert aside.is_dir() and not list(root.glob(".deleting-*")) and not list(root.glob(".tmp-*"))

@@ -55,6 +55,15 @@ def all_reduce_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (the value itself without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def all_reduce_mean(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
     """Mean over ranks of scalar metrics, in one collective."""
     keys = sorted(values)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from selfe_cli.models.conditioning import Conditioner, cond_to
 from selfe_cli.training import checkpoint as ckpt_io
 from selfe_cli.training import fsdp
 from selfe_cli.training.data_order import MicroBatchSampler, micro_seed
-from selfe_cli.training.distributed import DistInfo, all_reduce_flag, all_reduce_mean, barrier
+from selfe_cli.training.distributed import DistInfo, all_reduce_flag, all_reduce_mean, barrier, broadcast_int
 from selfe_cli.training.ema import EMA
 from selfe_cli.training.optim import build_optimizer, lr_at
 
@@ -46,6 +47,40 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a kill
     ckpt_io.atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+
+
+def resume_checkpoint(ckpt_root: Path, dist: DistInfo) -> Path | None:
+    """The newest intact checkpoint to resume from (None: start at step 0), chosen on rank 0.
+
+    Damaged newer checkpoints (a file missing, cut short or not matching its checksum) are renamed to
+    ``step-XXXXXXX.damaged`` with one warning line each, so that neither this run nor pruning reads or
+    deletes them. When checkpoints exist but none is intact, nothing is moved and the run stops: starting
+    over silently from step 0 would throw away a long run that a user may still be able to repair.
+    """
+    code, message = -1, ""
+    if dist.is_main:
+        found, damaged = ckpt_io.newest_intact(ckpt_root)
+        if found is None and damaged:
+            code = -2
+            listed = "; ".join(f"{p.name}: {why}" for p, why in damaged[:3])
+            more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+            message = (f"{ckpt_root}: no intact checkpoint to resume from ({listed}{more}); nothing was changed. "
+                       f"Restore a checkpoint, or move {ckpt_root} away to train again from step 0")
+        else:
+            code = ckpt_io.checkpoint_step(found) if found is not None else -1
+            for path, why in damaged:  # all newer than `found`, which is not None here
+                try:
+                    aside = ckpt_io.set_aside(path)
+                except OSError as err:
+                    code, message = -2, (f"{path}: damaged ({why}) and could not be renamed aside ({err.strerror}); "
+                                         f"move it away yourself and run again")
+                    break
+                print(f"warning: checkpoint {path} is damaged ({why}); renamed it to {aside.name}, resuming from "
+                      f"{found.name}", file=sys.stderr, flush=True)
+    code = broadcast_int(code, dist.device)
+    if code == -2:
+        raise UserError(message or f"{ckpt_root}: cannot resume (see rank 0's message)")
+    return None if code < 0 else ckpt_root / f"step-{code:07d}"
 
 
 def training_loop(
@@ -111,7 +146,7 @@ def training_loop(
 
     # ---- resume: full weights go into the unsharded networks, before sharding -------------------
     start_step, nonfinite_total, state = 0, 0, None
-    latest = ckpt_io.latest_checkpoint(ckpt_root)
+    latest = resume_checkpoint(ckpt_root, dist)
     if latest is not None:
         state = ckpt_io.read_checkpoint_state(latest)
         net.load_state_dict(ckpt_io.load_weights(latest / "model.safetensors"), strict=True)
@@ -123,8 +158,8 @@ def training_loop(
         ema.load_state_dicts({d: ckpt_io.load_weights(found[d]) for d in ema.decays})
         start_step = int(state["step"])
         nonfinite_total = int(state.get("nonfinite_total", 0))
-        if dist.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    if dist.is_main:  # also from step 0: lines of a run killed before its first checkpoint are redone
+        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
 
     train_net: nn.Module = net
     if sharded:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,24 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
         cleanup()
 
 
+def _weights_path(ckpt: Path, weights: str, first_decay: float) -> Path:
+    """The file ``--weights`` names in a checkpoint: ``model``, ``ema`` (the recipe's first decay) or a decay."""
+    from selfe_cli.training import checkpoint as ckpt_io
+
+    found = ckpt_io.ema_files(ckpt)
+    if weights == "model":
+        return ckpt / "model.safetensors"
+    if weights == "ema":
+        if first_decay in found or not found:  # a missing file is reported by the verification
+            return ckpt / f"ema-{first_decay:g}.safetensors"
+        return next(iter(found.values()))
+    try:
+        return found[float(weights)]
+    except (ValueError, KeyError):
+        raise UserError(f"--weights {weights}: expected 'ema', 'model' or one of the EMA decays "
+                        f"{', '.join(f'{d:g}' for d in found)}") from None
+
+
 def build_for_sampling(run_dir: Path, *, weights: str = "ema", device: torch.device) -> Any:
     """A Generator from a run directory: its resolved recipe and the latest checkpoint's weights."""
     from selfe_cli.data import dataset_info
@@ -161,22 +180,23 @@ def build_for_sampling(run_dir: Path, *, weights: str = "ema", device: torch.dev
     recipe = load_resolved(run_dir)
     info = dataset_info(recipe.data)
     net = build_network(recipe, info)
-    latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints")
-    if latest is None:
+    ckpt_root = run_dir / "checkpoints"
+    candidates = ckpt_io.list_checkpoints(ckpt_root)[::-1]
+    if not candidates:
         raise UserError(f"{run_dir}: no checkpoint yet (train it with `selfe train {run_dir / 'recipe.yaml'}`)")
-    if weights == "ema":
-        found = ckpt_io.ema_files(latest)
-        if not found:
-            raise UserError(f"{latest}: no EMA weights")
-        path = next(iter(found.values())) if recipe.train.ema_decays[0] not in found else found[recipe.train.ema_decays[0]]
-    elif weights == "model":
-        path = latest / "model.safetensors"
+    problems = []
+    for ckpt in candidates:  # newest first; only the weights file to load (and state.json) is verified
+        path = _weights_path(ckpt, weights, recipe.train.ema_decays[0])
+        problem = ckpt_io.verify_checkpoint(ckpt, files=[path.name])
+        if problem is None:
+            break
+        problems.append((ckpt, problem))
     else:
-        try:
-            path = ckpt_io.ema_files(latest)[float(weights)]
-        except (ValueError, KeyError):
-            raise UserError(f"--weights {weights}: expected 'ema', 'model' or one of the EMA decays "
-                            f"{', '.join(f'{d:g}' for d in ckpt_io.ema_files(latest))}") from None
+        raise UserError(f"{ckpt_root}: no intact checkpoint to sample from "
+                        f"({'; '.join(f'{p.name}: {why}' for p, why in problems[:3])})")
+    for damaged, why in problems:
+        print(f"warning: checkpoint {damaged} is damaged ({why}); sampling from {ckpt.name}", file=sys.stderr,
+              flush=True)
     net.load_state_dict(ckpt_io.load_weights(path), strict=True)
     net = net.to(device).eval().requires_grad_(False)
     conditioner = make_conditioner(net, info)
