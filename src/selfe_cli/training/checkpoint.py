@@ -46,8 +46,7 @@ def _fsync_dir(path: Path) -> None:
 def _test_kill_point(stage: str, step: int) -> None:
     """Test hook: ``SELFE_TEST_KILL_AT=<stage>:<step>`` SIGKILLs this process at that point of a write.
 
-    Stages: ``tmp`` (model.safetensors written into the temporary directory), ``manifest`` (every file
-    written, not yet renamed), ``renamed`` (renamed, not yet pruned), ``pruning`` (an old checkpoint
+    Stages: ``manifest`` (every file written into the temporary directory, not yet renamed), ``renamed`` (renamed, not yet pruned), ``pruning`` (an old checkpoint
     moved aside for deletion, not yet deleted). Used by the kill-and-resume tests only.
     """
     if os.environ.get("SELFE_TEST_KILL_AT") == f"{stage}:{step}":
@@ -122,7 +121,6 @@ def write_checkpoint(ckpt_root: Path, step: int, *, model: dict[str, torch.Tenso
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_tensors(model, tmp / "model.safetensors")
-    _test_kill_point("tmp", step)
     for decay, weights in emas.items():
         save_tensors(weights, tmp / f"ema-{decay:g}.safetensors")
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
