@@ -1,15 +1,18 @@
-"""The GenEval rule engine against hand-built cases (official evaluate_images.py rules, SPEC §4)."""
+"""The GenEval rule engine against hand-built cases (official evaluate_images.py rules, docs/methods.md §6.2)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 from selfe_cli.evaluation.geneval import (
     GENEVAL_SHA256,
     load_geneval_prompts,
+    numpy1_argsort,
+    rank_by_score,
     relative_position,
     score_detections,
     select_detections,
@@ -56,7 +59,9 @@ def test_prompts_are_the_official_file():
 
 
 # --- thresholds ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("score, ok", [(0.3, False), (0.30001, True), (0.2, False), (0.9, True)])
+# float32(0.3) = 0.30000001192...: above 0.3 in float64, dropped by the official float32 comparison
+@pytest.mark.parametrize("score, ok", [(0.3, False), (0.30000001192092896, False), (0.30001, True), (0.2, False),
+                                       (0.9, True)])
 def test_strict_threshold_03(score, ok):
     correct, reason = score_detections(single(), {"dog": [det((0, 0, 10, 10), score)]}, SIZE)
     assert correct is ok
@@ -72,6 +77,67 @@ def test_counting_uses_strict_09(score, ok):
 def test_non_counting_prompts_use_03_even_with_low_scores():
     dets = {"dog": [det((0, 0, 10, 10), 0.5)]}
     assert score_detections(single(), dets, SIZE)[0]
+
+
+# --- ranking: the official np.argsort(scores)[::-1] on float32, NumPy 1.x tie order -------------------
+def test_rank_ties_hand_computed():
+    # up to 16 elements NumPy 1.x insertion-sorts (stable ascending), so reversed, ties come last-first
+    assert rank_by_score([1.0, 1.0, 0.5]) == [1, 0, 2]
+    assert rank_by_score([1.0] * 5) == [4, 3, 2, 1, 0]
+    assert rank_by_score([0.5, 1.0, 0.5, 1.0]) == [3, 1, 2, 0]
+    # 18 ties: one quicksort partition. Pivot = middle (index 8), swapped to position 16; the scans stop at
+    # every tie and swap positions (1, 15) ... (7, 9); position 8 takes the pivot back; both halves
+    # (<= 16 long) are then insertion-sorted unchanged: [0, 15..9, 8, 7..1, 16, 17], reversed below.
+    assert rank_by_score([1.0] * 18) == [17, 16, *range(1, 16), 0]
+
+
+def test_rank_heapsort_fallback_matches_numpy1():
+    # McIlroy's adversary against this introsort, values then capped at 20 (ties): the partitions degrade
+    # past depth 2 floor(log2 40) = 10 and NumPy 1.x finishes with heapsort. Expected: np.argsort of this
+    # float32 array under NumPy 1.26.4 (generic sort, no AVX-512). NumPy 2.4 on AVX2 orders the ties differently.
+    v = [0, 20, 2, 20, 4, 20, 6, 20, 8, 20, 10, 20, 12, 20, 14, 20, 16, 20, 18, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19,
+         *[20] * 11]
+    expected = [0, 19, 2, 20, 4, 21, 6, 22, 8, 23, 10, 24, 12, 25, 14, 26, 16, 27, 18, 28, 1, 37, 36, 35, 34, 33, 32,
+                31, 30, 29, 15, 13, 11, 9, 7, 5, 3, 38, 39, 17]
+    assert numpy1_argsort(np.array(v, dtype=np.float32)) == expected
+
+
+def test_numpy1_argsort_is_a_sort_nan_last():
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 16, 17, 50, 120):
+        v = rng.choice(np.array([0.2, 0.5, 1.0, np.nan], dtype=np.float32), n)
+        order = numpy1_argsort(v)
+        assert sorted(order) == list(range(n))
+        finite = [float(v[i]) for i in order if not np.isnan(v[i])]
+        assert finite == sorted(finite) and all(np.isnan(v[i]) for i in order[len(finite):])
+        if n <= 16:
+            assert order == np.argsort(v, kind="stable").tolist()
+
+
+@pytest.mark.skipif(tuple(int(p) for p in np.__version__.split(".")[:2]) >= (1, 25),
+                    reason="NumPy >= 1.25 may use SIMD argsorts with another tie order")
+def test_numpy1_argsort_is_numpys_own():
+    rng = np.random.default_rng(1)
+    for n in (5, 17, 40, 100):
+        v = rng.choice(np.array([0.5, 0.9, 1.0], dtype=np.float32), n)
+        assert numpy1_argsort(v) == np.argsort(v).tolist()
+
+
+def test_tied_scores_pick_the_official_top_detection():
+    # the shapes detector scores every clean object 1.0: the official order takes the *last* of the ties
+    dets = {"car": [det((0, 0, 10, 10), 1.0, "red"), det((20, 0, 30, 10), 1.0, "blue")]}
+    assert [d["color"] for d in select_detections(colors("car", "red"), dets)["car"]] == ["blue", "red"]
+    correct, reason = score_detections(colors("car", "red"), dets, SIZE)
+    assert not correct and reason == "expected red car>=1, found 0 red; and 1 blue"
+    dets["car"].reverse()
+    assert score_detections(colors("car", "red"), dets, SIZE)[0]
+
+
+def test_cap_keeps_the_official_16_of_tied_scores():
+    meta = {"tag": "single_object", "include": [{"class": "bird", "count": 1}], "prompt": "x"}
+    dets = {"bird": [det((i, 0, i + 5, 5), 1.0) for i in range(18)]}
+    kept = select_detections(meta, dets)["bird"]
+    assert [d["box"][0] for d in kept] == [17, 16, *range(1, 15)]  # rank_by_score([1.0] * 18)[:16]
 
 
 # --- counting: exactly N --------------------------------------------------------------------------

@@ -76,19 +76,118 @@ def confidence_threshold(metadata: Mapping[str, Any]) -> float:
     return COUNTING_THRESHOLD if metadata.get("tag") == "counting" else THRESHOLD
 
 
-def select_detections(metadata: Mapping[str, Any], detections: Detections) -> dict[str, list[Detection]]:
-    """Per class: sort by score (descending), keep ``score > threshold`` (strict), cap at 16.
+_SMALL_SORT = 15  # NumPy's SMALL_QUICKSORT: spans of at most 16 elements are insertion-sorted
 
-    Classes with no kept detection are absent from the result (as in the official scorer).
-    No NMS: the official default ``max_overlap=1.0`` disables it.
+
+def _less(a: float, b: float) -> bool:
+    """NumPy's float order: NaN after every number."""
+    return a < b or (b != b and a == a)
+
+
+def _heap_argsort(v: Sequence[float], idx: list[int], base: int, n: int) -> None:
+    """NumPy's argsort heapsort (the introsort fallback) of ``idx[base + 1 : base + n + 1]``, 1-based."""
+    def sift(i: int, tmp: int, n: int) -> None:
+        j = 2 * i
+        while j <= n:
+            if j < n and _less(v[idx[base + j]], v[idx[base + j + 1]]):
+                j += 1
+            if not _less(v[tmp], v[idx[base + j]]):
+                break
+            idx[base + i] = idx[base + j]
+            i, j = j, 2 * j
+        idx[base + i] = tmp
+
+    for top in range(n >> 1, 0, -1):
+        sift(top, idx[base + top], n)
+    while n > 1:
+        tmp = idx[base + n]
+        idx[base + n] = idx[base + 1]
+        n -= 1
+        sift(1, tmp, n)
+
+
+def numpy1_argsort(values: Sequence[float]) -> list[int]:
+    """``np.argsort(np.float32 array)`` as NumPy 1.x computes it (the default, unstable "quicksort").
+
+    The official scorer ranks with ``np.argsort(scores)[::-1]`` on mmdet's float32 score column, under
+    NumPy 1.23 (its environment.yml), whose default argsort is an introsort: median-of-3 quicksort,
+    insertion sort for spans of 16 or fewer, heapsort past depth 2 floor(log2 n). Ties come out in an order set by that
+    algorithm. NumPy >= 1.25 may dispatch the same call to SIMD sorts (AVX-512, and AVX2 in 2.x) that break
+    ties differently (5 or more equal scores already differ on an AVX2 machine with NumPy 2.4), so the
+    algorithm is replayed here rather than calling ``np.argsort``.
     """
-    threshold = confidence_threshold(metadata)
+    v = [float(x) for x in np.asarray(values, dtype=np.float32).reshape(-1)]  # float32 values, exact as floats
+    n = len(v)
+    idx = list(range(n))
+    if n < 2:
+        return idx
+    stack: list[tuple[int, int, int]] = []
+    lo, hi, depth = 0, n - 1, 2 * (n.bit_length() - 1)
+    while True:
+        if depth < 0:
+            _heap_argsort(v, idx, lo - 1, hi - lo + 1)
+        else:
+            while hi - lo > _SMALL_SORT:
+                mid = lo + ((hi - lo) >> 1)
+                if _less(v[idx[mid]], v[idx[lo]]):
+                    idx[mid], idx[lo] = idx[lo], idx[mid]
+                if _less(v[idx[hi]], v[idx[mid]]):
+                    idx[hi], idx[mid] = idx[mid], idx[hi]
+                if _less(v[idx[mid]], v[idx[lo]]):
+                    idx[mid], idx[lo] = idx[lo], idx[mid]
+                pivot = v[idx[mid]]
+                i, j = lo, hi - 1
+                idx[mid], idx[j] = idx[j], idx[mid]
+                while True:
+                    i += 1
+                    while _less(v[idx[i]], pivot):
+                        i += 1
+                    j -= 1
+                    while _less(pivot, v[idx[j]]):
+                        j -= 1
+                    if i >= j:
+                        break
+                    idx[i], idx[j] = idx[j], idx[i]
+                idx[i], idx[hi - 1] = idx[hi - 1], idx[i]
+                depth -= 1
+                if i - lo < hi - i:  # the larger side waits on the stack
+                    stack.append((i + 1, hi, depth))
+                    hi = i - 1
+                else:
+                    stack.append((lo, i - 1, depth))
+                    lo = i + 1
+            for k in range(lo + 1, hi + 1):  # insertion sort (stable)
+                item, key = idx[k], v[idx[k]]
+                m = k
+                while m > lo and _less(key, v[idx[m - 1]]):
+                    idx[m] = idx[m - 1]
+                    m -= 1
+                idx[m] = item
+        if not stack:
+            return idx
+        lo, hi, depth = stack.pop()
+
+
+def rank_by_score(scores: Sequence[float]) -> list[int]:
+    """Indices from most to least confident: the official ``np.argsort(scores)[::-1]`` on float32 scores."""
+    return numpy1_argsort(scores)[::-1]
+
+
+def select_detections(metadata: Mapping[str, Any], detections: Detections) -> dict[str, list[Detection]]:
+    """Per class: rank by score (descending), keep ``score > threshold`` (strict), cap at 16.
+
+    As the official scorer: the order is ``np.argsort(scores)[::-1]`` on float32 scores (NumPy 1.x's
+    tie order, see ``numpy1_argsort``), and the threshold is compared in float32 (a float32 array against
+    a Python float), so a score of ``float32(0.3)`` is dropped. Classes with no kept detection are absent
+    from the result. No NMS: the official default ``max_overlap=1.0`` disables it.
+    """
+    threshold = np.float32(confidence_threshold(metadata))
     kept: dict[str, list[Detection]] = {}
     for name, dets in detections.items():
-        ordered = sorted(dets, key=lambda d: -float(d["score"]))  # stable for ties
-        ordered = [d for d in ordered if float(d["score"]) > threshold][:MAX_OBJECTS]
-        if ordered:
-            kept[name] = ordered
+        scores = np.asarray([float(d["score"]) for d in dets], dtype=np.float32)
+        order = [i for i in rank_by_score(scores) if scores[i] > threshold][:MAX_OBJECTS]
+        if order:
+            kept[name] = [dets[i] for i in order]
     return kept
 
 
@@ -254,8 +353,8 @@ def evaluate_image(path: Path, metadata: Mapping[str, Any], detector: Detector) 
         "correct": bool(correct),
         "reason": reason,
         "metadata": json.dumps(dict(metadata)),
-        # official `details`: per class, [x0, y0, x1, y1, score] of the kept detections
-        "details": json.dumps({name: [[float(v) for v in d["box"][:4]] + [float(d["score"])] for d in dets]
+        # official `details`: per class, [x0, y0, x1, y1, score] of the kept detections (score as float32, mmdet's dtype)
+        "details": json.dumps({name: [[float(v) for v in d["box"][:4]] + [float(np.float32(d["score"]))] for d in dets]
                                for name, dets in kept.items()}),
     }
 
