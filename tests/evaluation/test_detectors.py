@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from selfe_cli.errors import UserError
@@ -43,6 +44,76 @@ def test_masks_to_boxes_empty():
     assert D.masks_to_boxes(m).tolist() == [[0, 0, 0, 0], [0, 3, 1, 4]]
 
 
+def test_cv2_resize_hand_computed():
+    # column [33, 215] -> 6 rows: scale 1/3, row 2 sits at y = 2.5/3 - 0.5 = 0.3333334 (float32): weights
+    # round(2048 * 0.6666666) = 1365 and round(2048 * 0.3333334) = 683. Rows are x 2048 after the
+    # (identity) horizontal pass: 67584, 440320. Vertical: ((67584 >> 4) * 1365) >> 16 = 87,
+    # ((440320 >> 4) * 683) >> 16 = 286, (87 + 286 + 2) >> 2 = 93 -- where exact bilinear gives 93.67 -> 94.
+    col = np.array([[33], [215]], dtype=np.uint8)
+    assert D.cv2_resize_linear(col, 1, 6)[:, 0].tolist() == [33, 33, 93, 154, 215, 215]
+    exact = F.interpolate(torch.tensor([[[[33.0], [215.0]]]]), size=(6, 1), mode="bilinear", align_corners=False)
+    assert exact.flatten().round().tolist() == [33, 33, 94, 154, 215, 215]
+    # row [0, 2] -> 4: x = -0.25 (left pixel), 0.25, 0.75, 1.25 (right pixel); 0.5 rounds up (cv2), not to even
+    assert D.cv2_resize_linear(np.array([[0, 2]], dtype=np.uint8), 4, 1).tolist() == [[0, 1, 2, 2]]
+    # identity and an exact 2x downscale (cv2 runs INTER_AREA there: the same (a + b + c + d + 2) >> 2)
+    img = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    assert (D.cv2_resize_linear(img, 8, 6) == img).all()
+    quad = img.reshape(3, 2, 4, 2, 3).astype(int).sum((1, 3))
+    assert (D.cv2_resize_linear(img, 4, 3) == (quad + 2) >> 2).all()
+
+
+def test_cv2_resize_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        nh, nw = (int(v) for v in rng.integers(1, 300, 2))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert (D.cv2_resize_linear(img, nw, nh) == cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)).all()
+    img = rng.integers(0, 256, (512, 384, 3), dtype=np.uint8)
+    nw, nh = D.mmdet_rescale_size(384, 512)
+    assert (D.cv2_resize_linear(img, nw, nh) == cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)).all()
+
+
+def test_mmdet_preprocess_matches_the_mmcv_steps():
+    cv2 = pytest.importorskip("cv2")
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    pixels, (new_h, new_w) = D.mmdet_preprocess(Image.fromarray(rgb), short=96, long=160)
+    assert (new_h, new_w) == (96, 154) and pixels.shape == (1, 3, 96, 160)
+    # mmcv on the BGR file image: imrescale (cv2 bilinear), impad_to_multiple (128), imnormalize (float32)
+    bgr = cv2.resize(np.ascontiguousarray(rgb[:, :, ::-1]), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    bgr = cv2.copyMakeBorder(bgr, 0, 0, 0, 160 - new_w, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+    img = bgr.astype(np.float32)
+    cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
+    cv2.subtract(img, np.float64([[123.675, 116.28, 103.53]]), img)
+    cv2.multiply(img, 1 / np.float64([[58.395, 57.12, 57.375]]), img)
+    torch.testing.assert_close(pixels[0], torch.from_numpy(img).permute(2, 0, 1), rtol=0, atol=1e-6)
+
+
+def test_mmdet_preprocess_pads_grey_before_normalising():
+    rgb = np.zeros((40, 64, 3), dtype=np.uint8)
+    pixels, (new_h, new_w) = D.mmdet_preprocess(Image.fromarray(rgb), short=96, long=160)
+    # scale min(160 / 64, 96 / 40) = 2.4 -> 154 x 96, padded to 160 x 96 (multiple of 32)
+    assert (new_h, new_w) == (96, 154) and pixels.shape == (1, 3, 96, 160)
+    mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    torch.testing.assert_close(pixels[0, :, 0, 0], -mean / std)
+    torch.testing.assert_close(pixels[0, :, -1, -1], (128 - mean) / std)  # pad value 128, then normalised
+    assert torch.equal(pixels[0, :, :, 154:], pixels[0, :, :1, -1:].expand(3, 96, 6))
+
+
+def test_detector_labels_must_hold_the_80_geneval_classes():
+    from types import SimpleNamespace
+
+    assert len(D.GENEVAL_CLASSES) == 80 and D.GENEVAL_CLASSES[64:67] == (
+        "computer mouse", "tv remote", "computer keyboard")
+    names = list(D.COCO_CLASSES)
+    names[names.index("tv")], names[names.index("remote")] = "tvmonitor", "remote control"
+    model = SimpleNamespace(config=SimpleNamespace(id2label=dict(enumerate(names))))
+    with pytest.raises(UserError, match=r"lack 2 of the 80 GenEval classes: tv, tv remote \(") as err:
+        D.Mask2FormerDetector(model)
+    assert "\n" not in str(err.value)
+
+
 def test_geneval_names_for_coco():
     assert len(D.COCO_CLASSES) == 80
     from selfe_cli.evaluation.geneval import load_geneval_prompts
@@ -54,12 +125,7 @@ def test_geneval_names_for_coco():
 
 @pytest.fixture(scope="module")
 def tiny_detector():
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerImageProcessor,
-        SwinConfig,
-    )
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
     torch.manual_seed(0)
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
@@ -69,7 +135,7 @@ def tiny_detector():
                             dim_feedforward=64, num_queries=12, num_labels=80,
                             id2label=dict(enumerate(D.COCO_CLASSES)), label2id={c: i for i, c in enumerate(D.COCO_CLASSES)})
     model = Mask2FormerForUniversalSegmentation(cfg)
-    return D.Mask2FormerDetector(model, Mask2FormerImageProcessor(), short_side=96, long_side=160)
+    return D.Mask2FormerDetector(model, short_side=96, long_side=160)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,12 @@
 
 Official GenEval runs the mmdet 2.x checkpoint ``mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco``;
 the closest checkpoint in transformers is ``facebook/mask2former-swin-small-coco-instance``. We
-reproduce mmdet's test path around it: resize keeping the aspect ratio to shortest side 800 /
-longest 1333, pad to a multiple of 32, top-100 (query, class) pairs, binary mask = mask logit > 0
-at the original resolution, score = class probability x mean mask probability inside the binary
-mask, box = the binary mask's extent (x1, y1 exclusive). Colour: open_clip ViT-L-14 ("openai")
-zero-shot among GenEval's 10 colours, on the object pasted onto grey #999 and cropped to its box.
+rebuild mmdet's test path around it (docs/methods.md §6.3): the config's test pipeline (resize keeping
+the aspect ratio to the largest scale fitting 1333 x 800, with cv2's uint8 bilinear, no antialiasing;
+pad bottom/right with 128 to a multiple of 32; normalise), top-100 (query, class) pairs, binary mask =
+mask logit > 0 at the original resolution, score = class probability x mean mask probability inside
+the binary mask, box = the binary mask's extent (x1, y1 exclusive). Colour: open_clip ViT-L-14
+("openai") zero-shot among GenEval's 10 colours, on the object pasted onto grey #999 and cropped to its box.
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ COCO_CLASSES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush",
 )
+# GenEval's 80 class names (its evaluation/object_names.txt), in the detector's label order.
+GENEVAL_CLASSES = tuple(COCO_TO_GENEVAL.get(c, c) for c in COCO_CLASSES)
+# mmdet 2.x test pipeline of the official config (mask2former_r50_lsj_8x2_50e_coco.py, inherited by the Swin-S
+# config): Resize(img_scale=(1333, 800), keep_ratio=True) -> Pad(size_divisor=32, pad_val 128) ->
+# Normalize(mean, std, to_rgb=True); mean and std are per RGB channel.
 SHORT_SIDE, LONG_SIDE, SIZE_DIVISOR, TOPK = 800, 1333, 32, 100
+PAD_VALUE = 128
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+PIXEL_STD_INV = (1.0 / np.array([58.395, 57.12, 57.375], dtype=np.float64)).astype(np.float32)  # mmcv: 1 / std
+RESIZE_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: bilinear weights in units of 1/2048
 GREY = "#999999"
 
 OFFLINE_HINT = "pass local copies with --detector-path / --clip-path, or use --suite shapes"
@@ -51,6 +61,73 @@ def mmdet_rescale_size(width: int, height: int, short: int = SHORT_SIDE, long: i
     """mmcv ``rescale_size`` with keep_ratio: the largest scale fitting (long, short); -> (w, h)."""
     scale = min(long / max(width, height), short / min(width, height))
     return int(width * scale + 0.5), int(height * scale + 0.5)
+
+
+def _cv2_linear_taps(n_in: int, n_out: int, clamp_weights: bool):
+    """OpenCV INTER_LINEAR along one axis: source indices ``(i0, i1)`` and integer weights ``(w0, w1)``.
+
+    Half-pixel centres: ``x = (d + 0.5) * (n_in / n_out) - 0.5`` in float32, weights ``round(2048 (1 - f))``
+    and ``round(2048 f)``. Columns left of the first or right of the last source pixel copy that pixel
+    (weight 2048, as OpenCV sets ``fx = 0`` there); rows only clamp their indices, as OpenCV does.
+    """
+    scale = 1.0 / (n_out / n_in)  # OpenCV: scale = 1 / inv_scale with inv_scale = dst / src, in double
+    pos = ((np.arange(n_out) + 0.5) * scale - 0.5).astype(np.float32)
+    i0 = np.floor(pos).astype(np.int64)
+    frac = pos - i0.astype(np.float32)
+    if clamp_weights:
+        low, high = i0 < 0, i0 >= n_in - 1
+        frac[low | high] = 0.0
+        i0[low], i0[high] = 0, n_in - 1
+    one = np.float32(1 << RESIZE_COEF_BITS)
+    w0 = np.rint((np.float32(1.0) - frac) * one).astype(np.int32)
+    w1 = np.rint(frac * one).astype(np.int32)
+    i1 = np.clip(i0 + 1, 0, n_in - 1)
+    return (torch.from_numpy(np.clip(i0, 0, n_in - 1)), torch.from_numpy(i1),
+            torch.from_numpy(w0), torch.from_numpy(w1))
+
+
+def cv2_resize_linear(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)`` for uint8 images, bit-exact.
+
+    What mmcv's ``imrescale`` (mmdet's Resize) runs on the official detector input: bilinear with
+    half-pixel centres and no antialiasing, in OpenCV's fixed-point arithmetic (11-bit weights, a
+    horizontal pass to 19-bit integers, then the vertical pass of its SIMD kernel:
+    ``((w0 (r0 >> 4)) >> 16) + ((w1 (r1 >> 4)) >> 16) + 2 >> 2``). Exact float bilinear with rounding
+    (``F.interpolate(mode="bilinear", align_corners=False, antialias=False)``) lands one level off on
+    about 1 pixel in 8; this matches OpenCV 4.7 (the official environment), 4.14 and 5.0 exactly.
+    ``image``: uint8 ``(H, W)`` or ``(H, W, C)``.
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"cv2_resize_linear takes uint8 images, got {arr.dtype}")
+    src = torch.from_numpy(arr.astype(np.int32))
+    flat = src.ndim == 2
+    if flat:
+        src = src[:, :, None]
+    x0, x1, wx0, wx1 = _cv2_linear_taps(src.shape[1], width, clamp_weights=True)
+    y0, y1, wy0, wy1 = _cv2_linear_taps(src.shape[0], height, clamp_weights=False)
+    rows = src[:, x0] * wx0[None, :, None] + src[:, x1] * wx1[None, :, None]  # (H, width, C), 19 bits
+    top = ((rows[y0] >> 4) * wy0[:, None, None]) >> 16
+    bottom = ((rows[y1] >> 4) * wy1[:, None, None]) >> 16
+    out = ((top + bottom + 2) >> 2).clamp(0, 255).to(torch.uint8).numpy()
+    return out[:, :, 0] if flat else out
+
+
+def mmdet_preprocess(image: Any, short: int = SHORT_SIDE, long: int = LONG_SIDE) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The official test pipeline on a PIL image: ``(pixel_values (1, 3, Hp, Wp) float32, (new_h, new_w))``.
+
+    uint8 RGB -> cv2 bilinear resize to ``mmdet_rescale_size`` -> pad bottom/right with 128 to a multiple
+    of 32 -> ``(x - mean) * (1 / std)`` in float32 (mmcv's ``imnormalize``). The padding is grey before
+    normalisation, as the config's Pad precedes its Normalize.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    height, width = rgb.shape[:2]
+    new_w, new_h = mmdet_rescale_size(width, height, short, long)
+    pad_h, pad_w = math.ceil(new_h / SIZE_DIVISOR) * SIZE_DIVISOR, math.ceil(new_w / SIZE_DIVISOR) * SIZE_DIVISOR
+    padded = np.full((pad_h, pad_w, 3), PAD_VALUE, dtype=np.uint8)
+    padded[:new_h, :new_w] = cv2_resize_linear(rgb, new_w, new_h)
+    pixels = (padded.astype(np.float32) - PIXEL_MEAN) * PIXEL_STD_INV
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous(), (new_h, new_w)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -88,18 +165,21 @@ def instance_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
 class Mask2FormerDetector:
     """COCO instance detector; ``detect(image)`` -> ``{geneval class: [{"box", "score", "mask"}]}``."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, device: torch.device | str = "cpu", *,
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", *,
                  short_side: int = SHORT_SIDE, long_side: int = LONG_SIDE):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-        self.short_side, self.long_side = short_side, long_side  # the official test scale; smaller only in tests
         id2label = {int(k): v for k, v in model.config.id2label.items()}
         self.class_names = [COCO_TO_GENEVAL.get(id2label[i], id2label[i]) for i in range(len(id2label))]
+        missing = [c for c in GENEVAL_CLASSES if c not in set(self.class_names)]
+        if missing:
+            raise UserError(f"the GenEval detector's labels (config.id2label) lack {len(missing)} of the 80 GenEval "
+                            f"classes: {', '.join(missing)} (expected the COCO labels of {DETECTOR_HUB_ID})")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.short_side, self.long_side = short_side, long_side  # the official test scale; smaller only in tests
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> Mask2FormerDetector:
-        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+        from transformers import Mask2FormerForUniversalSegmentation
 
         source = str(path) if path else DETECTOR_HUB_ID
         if path and not os.path.exists(source):
@@ -107,32 +187,23 @@ class Mask2FormerDetector:
         try:
             try:  # the local cache first: no network round trips when the weights are already here
                 model = Mask2FormerForUniversalSegmentation.from_pretrained(source, local_files_only=True)
-                processor = Mask2FormerImageProcessor.from_pretrained(source, local_files_only=True)
             except OSError:
                 if path:
                     raise
                 model = Mask2FormerForUniversalSegmentation.from_pretrained(source)
-                processor = Mask2FormerImageProcessor.from_pretrained(source)
         except OSError as err:
             raise UserError(f"cannot load the GenEval detector {source} ({str(err).splitlines()[0]}); {OFFLINE_HINT}") from None
-        return cls(model, processor, device)
+        return cls(model, device)  # the input pipeline is mmdet's (mmdet_preprocess), not the image processor's
 
     @torch.no_grad()
     def detect(self, image: Any) -> dict[str, list[dict[str, Any]]]:
         width, height = image.size
-        new_w, new_h = mmdet_rescale_size(width, height, self.short_side, self.long_side)
-        pad = {"height": math.ceil(new_h / SIZE_DIVISOR) * SIZE_DIVISOR,
-               "width": math.ceil(new_w / SIZE_DIVISOR) * SIZE_DIVISOR}
-        from transformers.image_utils import SizeDict
-
-        # mmdet pads (bottom/right) to a multiple of 32; the processor's size_divisor would stretch instead
-        inputs = self.processor(images=image, size={"height": new_h, "width": new_w}, size_divisor=0,
-                                pad_size=SizeDict(**pad), return_tensors="pt")
-        out = self.model(pixel_values=inputs["pixel_values"].to(self.device))
+        pixel_values, (new_h, new_w) = mmdet_preprocess(image, self.short_side, self.long_side)
+        out = self.model(pixel_values=pixel_values.to(self.device))
         class_logits = out.class_queries_logits[0].float()  # (Q, C+1)
         masks = out.masks_queries_logits[0].float()  # (Q, h/4, w/4)
         # mmdet: upsample to the padded input, crop the valid region, upsample to the original size
-        masks = F.interpolate(masks[None], size=(pad["height"], pad["width"]), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks[None], size=tuple(pixel_values.shape[-2:]), mode="bilinear", align_corners=False)
         masks = masks[:, :, :new_h, :new_w]
         masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)[0]  # (Q, H, W)
         labels, scores, binary, boxes = instance_postprocess(class_logits, masks)
