@@ -13,4 +13,10 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, always
+        text = str(message)
+        if "Original Traceback" in text:  # raised in a DataLoader worker: torch re-raises it with the worker's
+            last = text.rstrip().rsplit("\n", 1)[-1]  # traceback; the last line holds the message itself
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            if last.startswith(prefix):
+                text = last[len(prefix):]
+        super().__init__(" ".join(text.split()))  # one line, always

@@ -186,3 +186,30 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_recipe):
     # and the updates really happened (not a trivially equal pair of untouched networks)
     init = load_file(str(sorted((single / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
     assert any(not torch.equal(init[k], a_ema[k]) for k in init)
+
+
+def test_image_folder_with_bad_files(tmp_path):
+    """A few unreadable images: skipped with one warning line naming them; too many: one error line."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 0, 255 - 30 * i)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a picture number {i}\n")
+    for name in ("bad0.png", "bad1.jpg"):
+        (folder / name).write_bytes(b"not an image at all")
+        (folder / name).with_suffix(".txt").write_text("a broken picture\n")
+    args = ["train", TINY, "--set", f"run.dir={tmp_path / 'run'}", "--set", "data.name=image_folder",
+            "--set", f"data.root={folder}", "--set", "data.resolution=16", "--set", "train.total_steps=1",
+            "--set", "train.sample_every_steps=0", "-q"]
+    proc = selfe(*args, cwd=tmp_path, check=False)  # 2 of 10 is more than the default 1%
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 of 10 images" in lines[0] and "bad0.png (not an image)" in lines[0] and "bad1.jpg" in lines[0]
+    assert "data.max_bad_fraction" in lines[0]
+    proc = selfe(*args, "--set", "data.max_bad_fraction=0.2", cwd=tmp_path)
+    warnings = [line for line in proc.stderr.splitlines() if "bad0.png" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 2 of 10 images"), proc.stderr
+    assert (tmp_path / "run" / "final" / "config.json").is_file()

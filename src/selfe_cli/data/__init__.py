@@ -56,7 +56,8 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> torch.utils.data.Dat
 
         root = _require_dir(cfg, "an image folder: class subfolders, metadata.jsonl, or images with .txt captions")
         assert cfg.resolution is not None
-        return ImageFolder(root, cfg.resolution, hflip=cfg.hflip and split == "train", captions=cfg.captions)
+        return ImageFolder(root, cfg.resolution, hflip=cfg.hflip and split == "train", captions=cfg.captions,
+                           max_bad_fraction=cfg.max_bad_fraction)
     if cfg.name == "latents":
         from selfe_cli.data.latents import LatentShardsDataset
 

@@ -41,6 +41,9 @@ class DataConfig:
     captions: Literal["auto", "metadata", "sidecar", "none"] = field(default="auto", metadata=spec(
         help="image_folder captions: metadata.jsonl/csv (file_name, text), .txt sidecars, none (class "
              "subfolder labels), or auto (metadata, else sidecars, else subfolders)"))
+    max_bad_fraction: float = field(default=0.01, metadata=spec(
+        help="image_folder: the largest share of images that may be unreadable (skipped, counted and named in "
+             "a warning); more stops the run with an error naming them", ge=0.0, le=1.0))
     sample_posterior: bool = field(default=True, metadata=spec(
         help="latents: draw mean + std * eps each time (else the posterior mean)"))
     num_workers: int = field(default=2, metadata=spec(help="DataLoader worker processes", ge=0))

@@ -3,7 +3,10 @@
 Captions come from a ``metadata.jsonl`` (or ``metadata.csv``) with ``file_name`` and ``text`` columns,
 the Hugging Face ``imagefolder`` convention (paths relative to the metadata file's folder), or from
 ``.txt`` sidecar files next to the images (``cat.png`` + ``cat.txt``). The folder is scanned once at
-construction; files that cannot be opened as images are skipped with one counted warning.
+construction; files that cannot be opened as images are skipped with one warning that counts them and
+names the first few. A file whose header is fine but whose pixels cannot be decoded is replaced, when it
+is drawn, by the next image (a pure function of the index, so the data order stays deterministic). More
+bad files than ``max_bad_fraction`` of the folder is an error: a folder that broken is a mistake to fix.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_KEYS = ("text", "caption")
 CAPTION_MODES = ("auto", "metadata", "sidecar", "none")
+NAMED_BAD_FILES = 5  # bad files named in a warning or error; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,13 @@ def resolve_mode(root: Path, captions: str) -> str:
     return "labels"
 
 
-def scan_folder(root: Path, captions: str = "auto") -> tuple[list[FolderEntry], tuple[str, ...] | None, int]:
-    """List a folder's examples: ``(entries, class names or None, number of files skipped)``.
+def scan_folder(root: Path, captions: str = "auto", max_bad_fraction: float = 1.0
+                ) -> tuple[list[FolderEntry], tuple[str, ...] | None, list[tuple[Path, str]]]:
+    """List a folder's examples: ``(entries, class names or None, [(skipped file, why), ...])``.
 
     Cheap checks only: every image's header is opened once (no decoding), so non-images and files
-    with a broken header are skipped here; a file that breaks later is handled at load time.
+    with a broken header are skipped here; a file that breaks later is handled at load time. More
+    skipped files than ``max_bad_fraction`` of the images found is a ``UserError``.
     """
     _check_root(root)
     mode = resolve_mode(root, captions)
@@ -143,27 +149,63 @@ def scan_folder(root: Path, captions: str = "auto") -> tuple[list[FolderEntry], 
                 candidates.extend(FolderEntry(p, label=label) for p in _walk_images(d))
         else:
             candidates = [FolderEntry(p) for p in _walk_images(root)]
-    entries, unreadable = [], 0
+    entries: list[FolderEntry] = []
+    bad: list[tuple[Path, str]] = []
     for entry in candidates:
-        if _readable(entry.path):
+        problem = image_problem(entry.path)
+        if problem is None:
             entries.append(entry)
         else:
-            unreadable += 1
-    if unreadable:
-        warnings.warn(f"skipped {unreadable} unreadable images in {root}", stacklevel=2)
+            bad.append((entry.path, problem))
+    check_bad_share(root, len(bad), len(candidates), max_bad_fraction, bad)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} of {len(candidates)} images in {root} that cannot be read: "
+                      f"{name_bad_files(root, bad, len(bad))}", stacklevel=2)
     if not entries:
         raise UserError(f"data.root: no readable images in {root} (expected class subfolders, metadata.jsonl "
                         f"with file_name/text, or images with .txt captions; extensions "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return entries, class_names, unreadable
+    return entries, class_names, bad
 
 
-def _readable(path: Path) -> bool:
+def name_bad_files(root: Path, bad: list[tuple[Path, str]], count: int) -> str:
+    """The first few bad files (relative to ``root``) with what is wrong, and how many more there are."""
+    def rel(path: Path) -> str:
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            return str(path)
+
+    named = ", ".join(f"{rel(p)} ({why})" for p, why in bad[:NAMED_BAD_FILES])
+    return named + (f" and {count - NAMED_BAD_FILES} more" if count > NAMED_BAD_FILES else "")
+
+
+def check_bad_share(root: Path, n_bad: int, total: int, max_bad_fraction: float,
+                    bad: list[tuple[Path, str]]) -> None:
+    """A ``UserError`` when more than ``max_bad_fraction`` of the ``total`` images are bad."""
+    if total and n_bad > max_bad_fraction * total:
+        raise UserError(f"data.root: {n_bad} of {total} images in {root} cannot be read ({n_bad / total:.1%}, "
+                        f"more than data.max_bad_fraction {max_bad_fraction:g} allows): "
+                        f"{name_bad_files(root, bad, n_bad)}; repair or remove them, or raise data.max_bad_fraction")
+
+
+def image_problem(path: Path) -> str | None:
+    """Why a file cannot be used as an image, from its header alone (None: it opens)."""
     try:
+        if path.stat().st_size == 0:
+            return "empty file"
         with Image.open(path) as img:
-            return img.size[0] > 0 and img.size[1] > 0
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-        return False
+            if img.size[0] <= 0 or img.size[1] <= 0:
+                return "zero-sized image"
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Image.DecompressionBombError:
+        return "too many pixels"
+    except (OSError, ValueError, SyntaxError) as err:
+        return " ".join(str(err).split()) or type(err).__name__
+    return None
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -202,20 +244,24 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Items: ``{"image": (3, R, R), "label": int}`` for class subfolders (labels in sorted folder order),
     ``{"image", "caption": str}`` for caption folders, ``{"image"}`` for a flat folder without captions.
+    ``max_bad_fraction``: the share of the folder's images that may be unreadable (skipped at the scan) or
+    undecodable (replaced by the next image when drawn) before it is a ``UserError``; 1.0 never stops.
     """
 
     max_fallbacks = 16
 
     def __init__(self, root: str | os.PathLike[str], resolution: int, hflip: bool = False,
-                 captions: str = "auto"):
+                 captions: str = "auto", max_bad_fraction: float = 1.0):
         self.root = Path(root).expanduser()
         self.resolution, self.hflip = resolution, hflip
-        self.entries, self.class_names, self.skipped = scan_folder(self.root, captions)
+        self.max_bad_fraction = max_bad_fraction
+        self.entries, self.class_names, self.bad_files = scan_folder(self.root, captions, max_bad_fraction)
+        self.skipped = len(self.bad_files)
         has_captions = self.entries[0].caption is not None
         self.info = DatasetInfo(channels=3, resolution=resolution,
                                 num_classes=len(self.class_names) if self.class_names else None,
                                 class_names=self.class_names, has_captions=has_captions, is_latent=False)
-        self._warned: set[Path] = set()
+        self._undecodable: dict[Path, str] = {}  # found while loading, in this process
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -226,16 +272,30 @@ class ImageFolder(torch.utils.data.Dataset):
             img = img.flip(-1)
         return img
 
+    def _undecodable_file(self, path: Path, err: Exception) -> None:
+        """Count a file whose pixels cannot be decoded: named in the first few warnings, then counted;
+        together with the files skipped by the scan, more than ``max_bad_fraction`` is an error."""
+        if path in self._undecodable:
+            return
+        self._undecodable[path] = " ".join(str(err).split()) or type(err).__name__
+        n = len(self._undecodable)
+        total = len(self.entries) + self.skipped
+        bad = self.bad_files + list(self._undecodable.items())
+        check_bad_share(self.root, self.skipped + n, total, self.max_bad_fraction, bad)
+        if n <= NAMED_BAD_FILES:
+            warnings.warn(f"could not decode {path} ({self._undecodable[path]}); using the next image", stacklevel=3)
+        elif n in (10, 100, 1000, 10_000, 100_000):
+            warnings.warn(f"{n} images in {self.root} could not be decoded so far (each replaced by the next "
+                          f"image); the latest: {path}", stacklevel=3)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         for k in range(self.max_fallbacks):
             entry = self.entries[(index + k) % len(self.entries)]
             try:
                 image = self._load(entry)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                # A file whose header was fine but whose data is not: use the next one, warn once.
-                if entry.path not in self._warned:
-                    self._warned.add(entry.path)
-                    warnings.warn(f"could not decode {entry.path} ({err}); using the next image", stacklevel=2)
+                # A file whose header was fine but whose data is not: use the next one (deterministic).
+                self._undecodable_file(entry.path, err)
                 continue
             item: dict[str, Any] = {"image": image}
             if entry.label is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ RESUMABLE_CHANGES = {
     ("train", "keep_checkpoints"), ("train", "sample_every_steps"), ("data", "num_workers"),
     ("train", "max_nonfinite_in_a_row"), ("train", "compile"), ("run", "name"), ("run", "dir"),
     ("train", "parallel"), ("train", "activation_checkpointing"),  # checkpoints are the same full tensors
+    ("data", "max_bad_fraction"),  # bad files are skipped whatever the limit: it only decides when to stop
 }
 
 
@@ -97,9 +99,17 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
     try:
         run_dir = Path(recipe.run.dir)
         try:
-            dataset = build_dataset(recipe.data, split="train")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                dataset = build_dataset(recipe.data, split="train")
         except UserError as err:  # name the recipe file as well as the key
             raise UserError(f"{recipe.source}: {err}") from None
+        for w in caught:  # the dataset's own notes (e.g. skipped files) as one line each, on rank 0
+            if issubclass(w.category, UserWarning) and "selfe_cli" in Path(w.filename).parts:
+                if dist.is_main:
+                    print(f"warning: {' '.join(str(w.message).split())}", file=sys.stderr, flush=True)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         info = dataset.info
         if dist.is_main:
             check_resume_compatible(run_dir, recipe)
