@@ -1,4 +1,4 @@
-"""Every bundled recipe loads and validates; the paper recipes carry the papers' numbers (SPEC §2-§3)."""
+"""Every bundled recipe loads and validates; the paper recipes carry the papers' numbers (docs/methods.md §7)."""
 
 from __future__ import annotations
 

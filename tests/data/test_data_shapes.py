@@ -34,11 +34,11 @@ NUMBERS = {"two": 2, "three": 3, "four": 4}
 NOUN_TO_SHAPE = {n: s for s, ns in SYNONYMS.items() for n in ns}
 
 
-# ---- independent reference implementations (from SPEC.md §4 and the caption grammar) ----------------
+# ---- independent reference implementations (docs/methods.md §6.2 and the caption grammar) -----------
 
 
 def spec_relation(box_a, box_b, relation: str) -> bool:
-    """SPEC.md §4 position rule, written out independently of the library."""
+    """GenEval's position rule (docs/methods.md §6.2), written out independently of the library."""
     ca = np.array([(box_a[0] + box_a[2]) / 2, (box_a[1] + box_a[3]) / 2])
     cb = np.array([(box_b[0] + box_b[2]) / 2, (box_b[1] + box_b[3]) / 2])
     dim_a = np.array([box_a[2] - box_a[0], box_a[3] - box_a[1]])

@@ -1,4 +1,4 @@
-"""Self-E method math (SPEC §3): closed-form values, gradients, RNG-replayed losses, the fake stage."""
+"""Self-E method math (SE (6)-(22); docs/methods.md §4): closed-form values, gradients, RNG-replayed losses, the fake stage."""
 
 from __future__ import annotations
 

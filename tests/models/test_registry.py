@@ -61,7 +61,7 @@ def test_cheap_entries_run_on_cpu(name: str) -> None:
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("DiT-B/2", 131e6), ("DiT-L/2", 459e6), ("DiT-XL/2", 676e6),  # SPEC §2, ImageNet 256 (4x32x32, 1000 classes)
+    ("DiT-B/2", 131e6), ("DiT-L/2", 459e6), ("DiT-XL/2", 676e6),  # MF Table 4, ImageNet 256 (4x32x32, 1000 classes)
 ])
 def test_dit_paper_parameter_counts(name: str, expected: float) -> None:
     with torch.device("meta"):

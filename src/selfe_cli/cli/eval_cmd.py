@@ -1,4 +1,4 @@
-"""`selfe eval fid | fid-ref | geneval`: FID-50K, reference statistics, GenEval (SPEC §4), step sweeps."""
+"""`selfe eval fid | fid-ref | geneval`: FID-50K, reference statistics, GenEval (docs/methods.md §6), step sweeps."""
 
 from __future__ import annotations
 

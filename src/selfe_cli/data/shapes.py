@@ -1,7 +1,7 @@
 """The built-in ``shapes`` dataset: flat-coloured squares, circles and triangles on a grey background.
 
 Everything is rendered procedurally from a seed (no files), so the toolkit can train and evaluate a
-text-to-image model end to end anywhere. Captions follow GenEval's six prompt tags (SPEC.md §4) and
+text-to-image model end to end anywhere. Captions follow GenEval's six prompt tags (docs/methods.md §6.2) and
 are always *true* for their image: every object in the image is described, counts are exact, and
 position scenes satisfy GenEval's position rule with a margin. Each image also carries a GenEval-format
 metadata dict (the format of ``evaluation_metadata.jsonl``) with the canonical shape names as classes,
@@ -131,7 +131,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# GenEval position rule (SPEC.md §4) and layout
+# GenEval position rule (docs/methods.md §6.2) and layout
 
 
 def position_score(box_a: Sequence[float], box_b: Sequence[float]) -> tuple[float, float] | None:

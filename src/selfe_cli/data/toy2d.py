@@ -2,7 +2,7 @@
 
 Points are returned as ``(N, 2)`` float tensors with ``(N,)`` long labels; ``Toy2DDataset`` wraps a fixed draw
 as dataset items ``{"image": (2, 1, 1), "label": int}`` so the training loop and the methods see 1x1
-two-channel "images" (SPEC §0 layout).
+two-channel "images" (the (N, C, H, W) layout of docs/methods.md §1).
 
 Distributions (both with 2 classes, each class multi-modal, so a one-step regression to the conditional
 mean is visibly wrong):

@@ -3,7 +3,7 @@
 The reference network is torch-fidelity's ``FeatureExtractorInceptionV3`` (the TF-Inception port
 that torchmetrics wraps, and the network behind published FID numbers). Its own ``forward``
 resizes to 299x299 with ``interpolate_bilinear_2d_like_tensorflow1x`` (TF1 bilinear,
-``align_corners=False``, no antialiasing), which is what SPEC §4 asks for; torchmetrics' wrapper
+``align_corners=False``, no antialiasing), as TF-compatible FID needs (docs/methods.md §6.1); torchmetrics' wrapper
 would instead default to ``antialias=True`` in torchmetrics >= 1.8, so we call torch-fidelity
 directly and never go through torchmetrics' resize.
 """

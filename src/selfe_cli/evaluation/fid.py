@@ -1,4 +1,4 @@
-"""FID (SPEC §4): float64 running statistics, the Frechet distance, reference `.npz` files.
+"""FID (docs/methods.md §6.1): float64 running statistics, the Frechet distance, reference `.npz` files.
 
 Protocol (CIFAR-10 FID-50K): 50,000 generated images, one noise seed per image, against the
 statistics of the 50,000 training images; features from Inception-v3 pool3 (`features.py`).

@@ -1,4 +1,4 @@
-"""GenEval (SPEC §4): the prompts, the official scoring rules, the on-disk layout, the summary.
+"""GenEval (Ghosh et al., arXiv 2310.11513; docs/methods.md §6.2): the prompts, the official scoring rules, the on-disk layout, the summary.
 
 The rule engine ``score_detections`` is pure (no models, no I/O) and follows the official
 ``evaluation/evaluate_images.py`` of djghosh13/geneval: per class, detections sorted by score,

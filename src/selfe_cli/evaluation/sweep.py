@@ -1,4 +1,4 @@
-"""Step sweeps (SPEC §4): one metric of one or more models at several step counts.
+"""Step sweeps (README, `selfe eval`): one metric of one or more models at several step counts.
 
 Writers for a Rich table, ``sweep.json``, ``sweep.csv`` and ``sweep.png`` (metric vs steps, log x
 axis, one line per model). Rows are ``SweepRow(model, steps, metrics)``; ``metric`` names the

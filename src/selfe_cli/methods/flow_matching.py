@@ -1,4 +1,4 @@
-"""Flow matching (SPEC §1): the baseline, trained only on the diagonal r = t."""
+"""Flow matching (docs/methods.md §2): the baseline, trained only on the diagonal r = t."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class FlowMatchingConfig:
 
 
 class FlowMatching(Method):
-    """Loss ``|| net(x_t, t, t, c) - v ||^2``, mean over elements (SPEC §1)."""
+    """Loss ``|| net(x_t, t, t, c) - v ||^2``, mean over elements (docs/methods.md §2)."""
 
     name = "flow_matching"
 

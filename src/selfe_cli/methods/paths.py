@@ -16,7 +16,7 @@ def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x0 + t eps (SPEC §0); t = 1 is noise."""
+    """x_t = (1 - t) x0 + t eps (docs/methods.md §1); t = 1 is noise."""
     tb = bcast(t, x0)
     return (1 - tb) * x0 + tb * eps
 

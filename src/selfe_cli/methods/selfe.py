@@ -1,4 +1,4 @@
-"""Self-E: self-evaluating any-step text-to-image training (Yu et al., arXiv 2512.22374; SPEC §3).
+"""Self-E: self-evaluating any-step text-to-image training (Yu et al., arXiv 2512.22374; docs/methods.md §4).
 
 The two-time network ``V = net(x_t, t, s, c)`` is read through the clean-image estimate [6]
 ``G(x_t, t, s, c) = x_t - t * V``. One training step:
@@ -271,7 +271,7 @@ def _batched_g(requests: list[tuple[nn.Module, Cond]], x: torch.Tensor, t: torch
 
 
 class SelfE(Method):
-    """Self-E training objective (SPEC §3). See the module docstring for the algorithm."""
+    """Self-E training objective (SE (6)-(21), App. S.1.2; docs/methods.md §4.1-4.2). See the module docstring for the algorithm."""
 
     name = "selfe"
 

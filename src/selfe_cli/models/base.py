@@ -1,7 +1,7 @@
 """The two-time network contract and the condition embedder every network shares.
 
 ``TwoTimeModel.forward(x, t, r, cond=None) -> Tensor`` shaped like ``x``; ``t``, ``r`` float (N,) in
-[0, 1], ``r <= t``; the output is read as the average velocity over [r, t] (SPEC §0). Subclasses are
+[0, 1], ``r <= t``; the output is read as the average velocity over [r, t] (docs/methods.md §1). Subclasses are
 ``diffusers`` ``ModelMixin`` + ``ConfigMixin`` models (``@register_to_config`` on ``__init__``), so
 ``save_pretrained`` / ``from_pretrained`` round-trip through ``config.json`` + safetensors. Every
 subclass is recorded in ``MODEL_CLASSES`` by class name, which is what ``load_model`` reads from

@@ -1,7 +1,8 @@
 """Building blocks shared by every two-time network: time embedders, attention, norms, position tables.
 
 Everything here is written to be differentiable in *forward mode* (``torch.func.jvp``), because
-MeanFlow differentiates the network w.r.t. its input and both times (SPEC §2): no in-place ops on
+MeanFlow differentiates the network w.r.t. its input and both times (MF identity (6); docs/methods.md
+§3.2): no in-place ops on
 activations, no ``nn.MultiheadAttention``, attention through ``F.scaled_dot_product_attention`` whose
 MATH backend has a forward-AD rule (flash / memory-efficient / CPU-flash kernels do not). Wrap the JVP
 in ``attention_backend("math")`` to force it.

@@ -1,4 +1,4 @@
-"""A FLUX-style MMDiT two-time network (the Self-E paper's architecture, SPEC §3).
+"""A FLUX-style MMDiT two-time network (the Self-E paper's architecture, docs/methods.md §5).
 
 Layout:
   image tokens  patchify p x p -> Linear -> (N, Li, D); text tokens: the condition embedder's context MLP

@@ -232,7 +232,7 @@ register_model("unet-ddpmpp-cifar10", UNet,
                defaults=dict(sample_size=32, in_channels=3, dropout=0.2))
 
 register_model("dit", DiT)  # every DiT kwarg configurable
-DIT_SIZES = {  # (depth, hidden_size, num_heads); B/M/L/XL as SPEC §2, S as DiT
+DIT_SIZES = {  # (depth, hidden_size, num_heads); B/M/L/XL as MF Table 4, S as DiT
     "tiny": (6, 192, 3),
     "S": (12, 384, 6),
     "B": (12, 768, 12),

@@ -14,7 +14,7 @@ are all cached never loads T5-XXL. Cache: one safetensors file per caption under
 
 Offline: a hub name that is not in the local Hugging Face cache is a one-line ``UserError`` naming the
 model and the recipe key to point at a local directory. transformers 5.x may return a broken 2-token
-CLIP tokenizer offline instead of raising (SPEC §5): tokenizers are checked against the model's vocabulary.
+CLIP tokenizer offline instead of raising (docs/methods.md §5, text encoders): tokenizers are checked against the model's vocabulary.
 """
 
 from __future__ import annotations
