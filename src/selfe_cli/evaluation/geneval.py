@@ -1,8 +1,10 @@
-"""GenEval (Ghosh et al., arXiv 2310.11513; docs/methods.md §6.2): the prompts, the official scoring rules, the on-disk layout, the summary.
+"""GenEval: the prompts, the official scoring rules, the on-disk layout, the summary.
+
+Ghosh et al., arXiv 2310.11513; the rules as implemented are in docs/methods.md §6.2.
 
 The rule engine ``score_detections`` is pure (no models, no I/O) and follows the official
-``evaluation/evaluate_images.py`` of djghosh13/geneval: per class, detections sorted by score,
-kept if ``score > 0.3`` (``> 0.9`` when the prompt's tag is ``counting``), at most 16; include
+``evaluation/evaluate_images.py`` of djghosh13/geneval: per class, detections ranked as its
+``np.argsort(scores)[::-1]`` on float32 scores (NumPy 1.x's tie order, ``numpy1_argsort``), kept if ``score > 0.3`` (``> 0.9`` when the prompt's tag is ``counting``), at most 16; include
 clauses need their ``count`` most confident detections (and only those are checked for colour and
 position); exclude clauses fail with ``>= count`` kept detections. Detectors (Mask2Former + CLIP,
 or the shapes detector) only produce the detections.

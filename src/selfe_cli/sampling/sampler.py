@@ -1,4 +1,6 @@
-"""The any-step sampler shared by all methods (MF Algorithm 2, SE [22]; docs/methods.md §1): ``x_r = x_t - (t - r) net(x_t, t, r, c)``.
+"""The any-step sampler shared by all methods: ``x_r = x_t - (t - r) net(x_t, t, r, c)``.
+
+MF Algorithm 2 and SE [22]; docs/methods.md §1 (update, grid, ``r_mode``) and §4.3 (energy CFG, eta).
 
 Pure tensor code: no I/O, no model loading. A sampler is a time grid 1 = t_0 > ... > t_N = 0 and a
 rule for the landing time r of each step.
