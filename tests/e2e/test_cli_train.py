@@ -135,7 +135,7 @@ def test_sigkill_at_random_moments_resumes_bit_exact(tmp_path, tiny_recipe, unin
     assert len(step_dirs(ckpts)) == 3 and len(list(ckpts.iterdir())) == 3  # train.keep_checkpoints
 
 
-def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_recipe, uninterrupted):
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_recipe, uninterrupted, capsys):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
     args = ["train", tiny_recipe, "--set", f"run.dir={run}", *RESUME_ARGS]
@@ -146,6 +146,14 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_
     raw = bytearray(second.read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one byte of tensor data changed, size unchanged: only the checksum notices
     second.write_bytes(bytes(raw))
+    # sampling passes over them as well (it verifies the file it loads): here to the model weights of step 16
+    from selfe_cli.training.run import build_for_sampling
+
+    gen = build_for_sampling(run, weights="model", device=torch.device("cpu"))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("sampling from step-0000016" in line for line in err), err
+    expected = load_file(str(ckpts / "step-0000016" / "model.safetensors"))
+    assert all(torch.equal(v, expected[k]) for k, v in gen.net.state_dict().items())
     proc = selfe(*args, cwd=tmp_path)
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2, proc.stderr  # one line per damaged checkpoint, naming it and the problem

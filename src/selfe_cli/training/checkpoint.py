@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,14 @@ def _sha256(path: Path, *, fsync: bool = False) -> str:
     return digest.hexdigest()
 
 
+def _sha256_many(paths: list[Path], *, fsync: bool = False) -> list[str]:
+    """``_sha256`` of several files at once: hashlib releases the GIL, so large files hash in parallel."""
+    if len(paths) <= 1:
+        return [_sha256(p, fsync=fsync) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(lambda p: _sha256(p, fsync=fsync), paths))
+
+
 def write_checkpoint(ckpt_root: Path, step: int, *, model: dict[str, torch.Tensor],
                      emas: dict[float, dict[str, torch.Tensor]], optimizer: dict[str, Any],
                      state: dict[str, Any], keep: int) -> Path:
@@ -127,7 +136,9 @@ def write_checkpoint(ckpt_root: Path, step: int, *, model: dict[str, torch.Tenso
     save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     with open(tmp / STATE, "w") as f:
         json.dump({**state, "optimizer": opt_meta, "checksums": MANIFEST}, f, indent=1)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p, fsync=True)} for p in sorted(tmp.iterdir())}
+    written = sorted(tmp.iterdir())
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": digest}
+             for p, digest in zip(written, _sha256_many(written, fsync=True), strict=True)}
     with open(tmp / MANIFEST, "w") as f:
         json.dump({"algorithm": "sha256", "files": files}, f, indent=1)
         f.flush()
@@ -219,18 +230,19 @@ def verify_checkpoint(ckpt: Path, files: Iterable[str] | None = None) -> str | N
         listed = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(listed, dict) or any(not isinstance(v, dict) for v in listed.values()):
             return f"{MANIFEST} has no file list"
-        names = sorted(listed) if files is None else [STATE, *(f for f in files if f != STATE)]
-        for name in names:
-            entry = listed.get(name)
-            if entry is None:
+        wanted = [*REQUIRED_FILES, *listed] if files is None else [STATE, *files]
+        names = sorted(set(wanted))
+        for name in names:  # cheap checks first
+            if name not in listed:
                 return f"{name} is not in {MANIFEST}"
             path = ckpt / name
             if not path.is_file():
                 return f"{name} is missing"
             size = path.stat().st_size
-            if size != entry.get("bytes"):
-                return f"{name} has {size} bytes, {MANIFEST} records {entry.get('bytes')}"
-            if _sha256(path) != entry.get("sha256"):
+            if size != listed[name].get("bytes"):
+                return f"{name} has {size} bytes, {MANIFEST} records {listed[name].get('bytes')}"
+        for name, digest in zip(names, _sha256_many([ckpt / n for n in names]), strict=True):
+            if digest != listed[name].get("sha256"):
                 return f"{name} does not match its sha256 in {MANIFEST}"
         return None
     if files is None:
