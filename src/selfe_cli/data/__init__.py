@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from selfe_cli.data.config import DataConfig
 from selfe_cli.data.info import DatasetInfo
 from selfe_cli.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a dataset is built, not when a recipe is validated
+    import torch
 
 SPLITS = ("train", "test")
 
@@ -91,6 +92,8 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Batch dict items: ``image`` stacked (N, C, H, W), ``label`` LongTensor (N,), ``caption`` and ``meta``
     as lists. A key is kept only when every item has it."""
+    import torch
+
     if not items:
         raise ValueError("collate needs at least one item")
     batch: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}

@@ -32,6 +32,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from selfe_cli.data.info import DatasetInfo
+from selfe_cli.data.shapes_spec import (  # noqa: F401 - re-exported
+    DEFAULT_BACKGROUND,
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    TAGS,
+    allowed_tags,
+)
 
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -53,15 +60,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
     "white": (255, 255, 255),
 }
-DEFAULT_BACKGROUND: tuple[int, int, int] = (128, 128, 128)  # neutral grey, far from black and white
-TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 # GenEval's prompt counts per tag: the default size of the shapes suite, capped by what is unique.
 GENEVAL_TAG_COUNTS: dict[str, int] = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94,
                                       "position": 100, "color_attr": 100}
 RELATIONS: dict[str, str] = {"left of": "to the left of", "right of": "to the right of",
                              "above": "above", "below": "below"}
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
-MIN_RESOLUTION, MAX_RESOLUTION = 16, 64
 POSITION_MARGIN = 0.15  # position scenes satisfy GenEval's threshold 0.5 by this much (0.65)
 
 _PLURALS = {syn: syn + "s" for syns in SYNONYMS.values() for syn in syns}
@@ -293,21 +297,6 @@ def parse_caption(caption: str) -> list[tuple[int, str | None, str]]:
         count = _WORD_NUMBERS.get(words[j], 1) if j >= 0 else 1
         phrases.append((count, color, _NOUNS[word]))
     return phrases
-
-
-def allowed_tags(min_objects: int, max_objects: int, tags: Sequence[str] | None) -> list[str]:
-    counts = {"single_object": (1, 1), "colors": (1, 1), "two_object": (2, 2), "position": (2, 2),
-              "color_attr": (2, 2), "counting": (2, 4)}
-    out = []
-    for tag in tags or TAGS:
-        if tag not in counts:
-            raise ValueError(f"unknown tag {tag!r}; expected one of {', '.join(TAGS)}")
-        lo, hi = counts[tag]
-        if max(lo, min_objects) <= min(hi, max_objects):
-            out.append(tag)
-    if not out:
-        raise ValueError(f"no caption tag of {list(tags or TAGS)} fits {min_objects}-{max_objects} objects")
-    return out
 
 
 def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from selfe_cli.config import spec
 from selfe_cli.methods.base import LossOutput, Method, drop_condition
-from selfe_cli.methods.paths import TimeSamplerConfig, interpolate, sample_time, velocity
+from selfe_cli.methods.configs import FlowMatchingConfig
+from selfe_cli.methods.paths import interpolate, sample_time, velocity
 from selfe_cli.models.conditioning import Cond
-
-
-@dataclass
-class FlowMatchingConfig:
-    time_sampler: TimeSamplerConfig = field(default_factory=TimeSamplerConfig,
-                                            metadata=spec(help="distribution of t"))
-    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate (for CFG)"))
 
 
 class FlowMatching(Method):

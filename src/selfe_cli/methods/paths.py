@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
-from selfe_cli.config import spec
+from selfe_cli.methods.configs import TimeSamplerConfig  # noqa: F401 - re-exported (its home before configs.py)
 
 
 def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -24,14 +21,6 @@ def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.T
 def velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Conditional velocity v = d x_t / dt = eps - x0."""
     return eps - x0
-
-
-@dataclass
-class TimeSamplerConfig:
-    kind: Literal["uniform", "logit_normal"] = field(
-        default="logit_normal", metadata=spec(help="uniform on [0,1] or t = sigmoid(n), n ~ N(mean, std)"))
-    mean: float = field(default=0.0, metadata=spec(help="logit-normal location P_mean"))
-    std: float = field(default=1.0, metadata=spec(gt=0, help="logit-normal scale P_std"))
 
 
 def sample_time(cfg: TimeSamplerConfig, n: int, device: torch.device | str = "cpu",

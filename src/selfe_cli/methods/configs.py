@@ -1,0 +1,118 @@
+"""The recipe's ``method:`` sections as plain dataclasses, importable without torch.
+
+Validating a recipe (``selfe train RECIPE --dry-run``, every user error) needs only these, so they live
+apart from the method math: an unknown key or a bad value is reported before torch is imported.
+``METHOD_CONFIGS`` names each method's config class as ``"module:Class"``; a method whose config still
+lives next to its torch code is imported when a recipe uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from selfe_cli.config import spec
+
+
+@dataclass
+class TimeSamplerConfig:
+    kind: Literal["uniform", "logit_normal"] = field(
+        default="logit_normal", metadata=spec(help="uniform on [0,1] or t = sigmoid(n), n ~ N(mean, std)"))
+    mean: float = field(default=0.0, metadata=spec(help="logit-normal location P_mean"))
+    std: float = field(default=1.0, metadata=spec(gt=0, help="logit-normal scale P_std"))
+
+
+@dataclass
+class FlowMatchingConfig:
+    time_sampler: TimeSamplerConfig = field(default_factory=TimeSamplerConfig,
+                                            metadata=spec(help="distribution of t"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate (for CFG)"))
+
+
+# Paper schedule (710k iterations in all): tau annealed over the first 300k, fake score from 550k.
+PAPER_TOTAL_STEPS = 710_000
+PAPER_TAU_ANNEAL_STEPS = 300_000
+PAPER_FAKE_SCORE_START = 550_000
+
+
+@dataclass
+class SelfEConfig:
+    """The recipe's ``method:`` section for ``name: selfe``. Defaults are the paper's choices."""
+
+    # --- conditions
+    cond_drop: float = field(default=0.1, metadata=spec(
+        ge=0, lt=1, help="probability of replacing the prompt by the null (empty) prompt; paper silent, 10% usual"))
+    # --- time sampling
+    t_mean: float = field(default=0.0, metadata=spec(help="t = sigmoid(n), n ~ N(t_mean, t_std), before the shift"))
+    t_std: float = field(default=1.0, metadata=spec(gt=0, help="scale of the logit-normal t sampler"))
+    time_shift: bool = field(default=True, metadata=spec(
+        help="resolution shift t <- e^mu / (e^mu + 1/t - 1), mu linear in the token count"))
+    shift_mu: float | None = field(default=None, metadata=spec(
+        help="fixed mu of the shift; null: mu from the token count (base_mu..max_mu over base_tokens..max_tokens)"))
+    shift_base_tokens: int = field(default=512, metadata=spec(gt=0, help="token count where mu = shift_base_mu"))
+    shift_max_tokens: int = field(default=4096, metadata=spec(gt=0, help="token count where mu = shift_max_mu"))
+    shift_base_mu: float = field(default=0.5, metadata=spec(help="mu at shift_base_tokens"))
+    shift_max_mu: float = field(default=1.15, metadata=spec(help="mu at shift_max_tokens"))
+    tokens: int | None = field(default=None, metadata=spec(
+        gt=0, help="token count L for the shift; null: H*W/patch^2 of the network input"))
+    p_same: float = field(default=0.5, metadata=spec(ge=0, le=1, help="probability of s = t (pure data loss)"))
+    tau_anneal_steps: int | None = field(default=None, metadata=spec(
+        ge=0, help="steps over which tau goes 0 -> 1 (s ~ U((1-tau)t, t)); null: tau_anneal_fraction * total_steps"))
+    tau_anneal_fraction: float = field(default=PAPER_TAU_ANNEAL_STEPS / PAPER_TOTAL_STEPS, metadata=spec(
+        ge=0, le=1, help="fraction of training for the tau ramp when tau_anneal_steps is null (paper 300k/710k)"))
+    # --- self-evaluation
+    renoise: Literal["fresh", "shared"] = field(default="fresh", metadata=spec(
+        help="noise eps' of the landing x_s_hat: a fresh draw, or the eps of x_t (paper silent)"))
+    self_eval_cond_weights: Literal["ema", "online"] = field(default="ema", metadata=spec(
+        help="weights of the conditional self-evaluation pass (paper: EMA)"))
+    self_eval_uncond_weights: Literal["online", "ema"] = field(default="online", metadata=spec(
+        help="weights of the unconditional self-evaluation pass (paper: online)"))
+    target: Literal["energy", "sum"] = field(default="energy", metadata=spec(
+        help="energy: ||x0_hat - renorm(x0 + lambda x_self)||^2 [18-20]; sum: [16] data + lambda self term"))
+    norm: Literal["sample", "token"] = field(default="sample", metadata=spec(
+        help="norm of the energy-preserving renormalisation: per sample, or per token (patch of the network)"))
+    lambda_t_max: float = field(default=0.999, metadata=spec(
+        gt=0, lt=1, help="guard: t and s are clamped to this in lambda = t/(1-t) - s/(1-s) (t -> 1 blows up)"))
+    weighting: Literal["inv_t2", "none"] = field(default="inv_t2", metadata=spec(
+        help="per-sample loss weight [21]: 1/t^2, or none"))
+    weight_t_min: float = field(default=0.01, metadata=spec(
+        gt=0, le=1, help="t is clamped to at least this in the 1/t^2 weight"))
+    # --- late fake-score stage (App. S.1.2)
+    fake_score: bool = field(default=False, metadata=spec(help="enable the late fake-score stage"))
+    fake_score_start: int | None = field(default=None, metadata=spec(
+        ge=0, help="first step of the fake-score stage; null: fake_score_start_fraction * total_steps"))
+    fake_score_start_fraction: float = field(default=PAPER_FAKE_SCORE_START / PAPER_TOTAL_STEPS, metadata=spec(
+        ge=0, le=1, help="start of the fake-score stage as a fraction of training (paper 550k/710k)"))
+    fake_k: float = field(default=0.9, metadata=spec(
+        ge=0, le=1, help="Delta = k (G_null - G_c) + (1 - k) (G_fake - G_c)"))
+    fake_suffix: str = field(default=" fake image", metadata=spec(help="appended to the prompt to make c_fake"))
+    fake_eval_weights: Literal["online", "ema"] = field(default="online", metadata=spec(
+        help="weights of the stop-gradient c_fake pass (the fake score tracks the online model)"))
+    fake_loss_weight: float = field(default=1.0, metadata=spec(ge=0, help="multiplier of the fake-score loss"))
+    fake_time_weight: bool = field(default=True, metadata=spec(
+        help="weight the fake-score loss by 1/s^2 like [21] (paper silent)"))
+    # --- sampling [22] (guidance, scale, shift and eta live in the recipe's `sample:` section)
+    sample_r_mode: Literal["next", "same", "mid"] = field(default="next", metadata=spec(
+        help="landing time of a sampler step: next grid time (paper), same (= t, flow matching), mid"))
+
+    def __post_init__(self) -> None:
+        if self.shift_max_tokens == self.shift_base_tokens:
+            raise ValueError("shift_max_tokens must differ from shift_base_tokens")
+
+
+# method name -> "module:Class" of its config (imported on first use)
+METHOD_CONFIGS: dict[str, str] = {
+    "flow_matching": "selfe_cli.methods.configs:FlowMatchingConfig",
+    "meanflow": "selfe_cli.methods.meanflow:MeanFlowConfig",  # imports torch until it moves here
+    "selfe": "selfe_cli.methods.configs:SelfEConfig",
+}
+
+
+def method_config_class(name: str) -> type:
+    """The config dataclass of method ``name`` (a key of ``METHOD_CONFIGS``)."""
+    module, _, cls = METHOD_CONFIGS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["METHOD_CONFIGS", "FlowMatchingConfig", "SelfEConfig", "TimeSamplerConfig", "method_config_class"]

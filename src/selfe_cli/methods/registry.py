@@ -1,0 +1,33 @@
+"""Training methods by recipe name: the method class and its config class (imports torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from selfe_cli.methods.base import Method
+from selfe_cli.methods.configs import FlowMatchingConfig, SelfEConfig
+from selfe_cli.methods.flow_matching import FlowMatching
+from selfe_cli.methods.meanflow import MeanFlow, MeanFlowConfig
+from selfe_cli.methods.selfe import SelfE
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    cls: type[Method]
+    config_class: type
+
+
+METHODS: dict[str, MethodEntry] = {
+    "flow_matching": MethodEntry(FlowMatching, FlowMatchingConfig),
+    "meanflow": MethodEntry(MeanFlow, MeanFlowConfig),
+    "selfe": MethodEntry(SelfE, SelfEConfig),
+}
+
+
+def build_method(name: str, config: Any = None) -> Method:
+    entry = METHODS[name]
+    return entry.cls(config if config is not None else entry.config_class())
+
+
+__all__ = ["METHODS", "MethodEntry", "build_method"]
