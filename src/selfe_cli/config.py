@@ -13,11 +13,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 from selfe_cli.errors import UserError
+
+# Integers: at most int64 (what torch and numpy can hold); a float stands for an integer only while it is exact.
+MAX_INT = 2**63 - 1
+MAX_EXACT_FLOAT_INT = 2**53
 
 
 class ConfigError(UserError):
@@ -73,10 +78,23 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def check_finite(value: Any, path: str) -> None:
+    """Refuse NaN and infinities anywhere inside ``value`` (YAML's .nan / .inf): nothing trains with them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, f"expected a finite number, got {_describe(value)}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(item, f"{path}[{i}]")
+
+
 def convert(value: Any, tp: Any, path: str) -> Any:
     """Convert/check ``value`` against the type annotation ``tp``; raise ConfigError on mismatch."""
     origin = get_origin(tp)
     if tp is Any:
+        check_finite(value, path)
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -122,6 +140,7 @@ def convert(value: Any, tp: Any, path: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {_describe(value)}")
+        check_finite(value, path)
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -129,26 +148,37 @@ def convert(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(path, f"expected true or false, got {_describe(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise ConfigError(path, f"expected an integer of at most {MAX_INT} in magnitude, got {_describe(value)}")
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # 1e4 in YAML is a float; accept it where it is whole
-        if isinstance(value, str):
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads "1e4" as a string
             try:
-                as_float = float(value.replace("_", ""))
-                if as_float.is_integer():
-                    return int(as_float)
+                number = float(value.replace("_", ""))
             except ValueError:
-                pass
+                number = None
+        if isinstance(number, float):
+            # a whole float (1e4, 1.0e4) is accepted where it is an exact integer; 1e30 or 1000.5 are not
+            if math.isfinite(number) and number.is_integer() and abs(number) <= MAX_EXACT_FLOAT_INT:
+                return int(number)
+            if math.isfinite(number) and number.is_integer():
+                raise ConfigError(path, f"expected an integer, got {_describe(value)} (a float this large is not "
+                                        f"an exact integer; write the digits, at most {MAX_EXACT_FLOAT_INT})")
         raise ConfigError(path, f"expected an integer, got {_describe(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads "1e-4" as a string; accept numeric strings
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(path, f"expected a number, got {_describe(value)}")
+        if number is None:
+            raise ConfigError(path, f"expected a number, got {_describe(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(path, f"expected a finite number, got {_describe(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -14,7 +14,7 @@ def train(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or a bundled recipe name (see `selfe recipes`).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: --set train.lr=1e-4 (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available; under torchrun each process takes its LOCAL_RANK GPU).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a model from a recipe. Running the same command again resumes from the latest checkpoint.
@@ -23,16 +23,21 @@ def train(
     """
     from rich.console import Console
 
+    from selfe_cli.cli.checks import check_device
     from selfe_cli.recipes import dump_recipe, load_recipe
+    from selfe_cli.recipes.loader import check_model, data_info_or_none
 
-    rec = load_recipe(recipe, set_ or [])
+    rec = load_recipe(recipe, set_ or [], check_network=False)
+    device = check_device(device, allowed=("cpu", "cuda"))
+    # the network is built on the meta device now, so a model that cannot train is refused before a run starts
+    info = data_info_or_none(rec.data)
+    n_params = check_model(rec, info)
     console = Console(soft_wrap=True)
     if dry_run:
         print(f"# resolved recipe: {rec.source}")
         print(dump_recipe(rec), end="")
-        summary = _model_summary(rec)
-        if summary:
-            print(f"# {summary}")
+        note = "" if info is not None else " (data not found: sizes from the recipe and the model defaults)"
+        print(f"# model {rec.model.name}: {n_params / 1e6:.1f}M parameters{note}")
         return
     from selfe_cli.training.run import train_recipe
 
@@ -47,25 +52,3 @@ def train(
                           + (f", resumed from {result['resumed_from']}" if result["resumed_from"] else "") + ")")
             console.print(f"sample it: selfe sample ... --ckpt {rec.run.dir}")
 
-
-def _model_summary(rec) -> str | None:
-    """Parameter count of the recipe's network, built on the meta device (no memory, no time)."""
-    import torch
-
-    from selfe_cli.models.registry import build_model
-    from selfe_cli.training.run import model_kwargs
-
-    try:
-        from selfe_cli.data import dataset_info
-
-        try:
-            info = dataset_info(rec.data)
-            note = ""
-        except Exception:  # noqa: BLE001 - data not here yet: count with the recipe's own sizes
-            info, note = None, " (data not found: sizes from the recipe and the model defaults)"
-        with torch.device("meta"):
-            net = build_model(rec.model.name, **model_kwargs(rec, info))
-        n = sum(p.numel() for p in net.parameters())
-        return f"model {rec.model.name}: {n / 1e6:.1f}M parameters{note}"
-    except Exception as err:  # noqa: BLE001 - a summary line must never break --dry-run
-        return f"model {rec.model.name}: parameter count unavailable ({type(err).__name__}: {err})"

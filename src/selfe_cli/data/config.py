@@ -6,9 +6,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from selfe_cli.config import spec
-from selfe_cli.data.shapes import DEFAULT_BACKGROUND, MAX_RESOLUTION, MIN_RESOLUTION, TAGS, allowed_tags
+from selfe_cli.data.shapes_spec import DEFAULT_BACKGROUND, MAX_RESOLUTION, MIN_RESOLUTION, TAGS, allowed_tags
 
 DatasetName = Literal["shapes", "cifar10", "image_folder", "latents"]
+MAX_IMAGE_SIDE = 16_384  # pixels per side: a larger image does not fit in any accelerator's memory
+MAX_SIZE = 10**9  # shapes images
+MAX_WORKERS = 1024
 Tag = Literal["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
 
@@ -22,13 +25,14 @@ class DataConfig:
              "the image folder; latents: the encode-latents output); unused for shapes"))
     resolution: int | None = field(default=None, metadata=spec(
         help="image side in pixels (shapes 16-64, default 32; cifar10 32; image_folder required: resize + "
-             "centre crop); latents take theirs from index.json", ge=8))
+             "centre crop); latents take theirs from index.json", ge=8, le=MAX_IMAGE_SIDE))
     download: bool = field(default=False, metadata=spec(
         help="cifar10: download the official archive (MD5-checked) into root when it is missing"))
     hflip: bool = field(default=False, metadata=spec(
         help="random horizontal flips (cifar10, image_folder); not allowed for shapes (it would falsify "
              "'left of' captions)"))
-    size: int = field(default=100_000, metadata=spec(help="shapes: number of images (length of the dataset)", ge=1))
+    size: int = field(default=100_000, metadata=spec(help="shapes: number of images (length of the dataset)", ge=1,
+                                                     le=MAX_SIZE))
     seed: int = field(default=0, metadata=spec(help="shapes: item i is rendered from the seed (seed, i)", ge=0))
     min_objects: int = field(default=1, metadata=spec(help="shapes: fewest objects per image", ge=1, le=4))
     max_objects: int = field(default=4, metadata=spec(help="shapes: most objects per image", ge=1, le=4))
@@ -46,7 +50,7 @@ class DataConfig:
              "a warning); more stops the run with an error naming them", ge=0.0, le=1.0))
     sample_posterior: bool = field(default=True, metadata=spec(
         help="latents: draw mean + std * eps each time (else the posterior mean)"))
-    num_workers: int = field(default=2, metadata=spec(help="DataLoader worker processes", ge=0))
+    num_workers: int = field(default=2, metadata=spec(help="DataLoader worker processes", ge=0, le=MAX_WORKERS))
 
     def __post_init__(self) -> None:
         if self.name != "shapes" and not self.root:

@@ -83,6 +83,8 @@ class ConditionEmbedder(nn.Module):
             nn.init.normal_(self.label_embedding.weight, std=0.02)
         elif condition == "text":
             if text_encoder == "tiny":
+                if text_width < 1 or text_heads < 1 or text_width % text_heads:
+                    raise ValueError(f"text_width {text_width} must be a positive multiple of text_heads {text_heads}")
                 self.text_encoder = TinyTextEncoder(text_width, text_layers, text_heads,
                                                     context_length=text_context_length)
                 context_dim = pooled_dim = text_width

@@ -16,8 +16,9 @@ import importlib
 import importlib.util
 import inspect
 import json
+import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,96 @@ def build_model(name: str, **kwargs: Any) -> TwoTimeModel:
         return factory(**converted)
     except (ValueError, TypeError) as err:
         raise UserError(f"model {name!r}: {err}") from None
+
+
+# Explicit checks of model kwargs that the constructors accept silently (an empty or inert network) or reject
+# with an obscure error (ZeroDivisionError); each applies to every model that has the kwarg.
+AT_LEAST_ONE = ("sample_size", "in_channels", "out_channels", "model_channels", "num_heads", "emb_mult",
+                "patch_size", "hidden_size", "depth", "width", "text_width", "text_layers", "text_heads",
+                "text_context_length", "t5_max_length")
+AT_LEAST_ZERO = ("num_blocks", "num_classes", "context_dim", "pooled_dim", "depth_double", "depth_single")
+POSITIVE_NUMBERS = ("time_scale", "mlp_ratio", "rope_theta")
+POSITIVE_LISTS = ("channel_mult", "attn_resolutions", "cross_attn_resolutions", "rope_axes")
+MAX_SAMPLE_SIZE = 16_384  # network input side (pixels or latents)
+MAX_PARAMETERS = 10**11  # 100B: beyond any network this toolkit trains; usually a typo (model_channels: 100000)
+# a constructor's message may name an internal argument; the recipe key that sets it
+_MESSAGE_ALIASES = {"num_channels": "model_channels", "num_groups": "model_channels"}
+_MESSAGE_HINTS = {"num_groups": "the U-Net's widths are model_channels x channel_mult and must split into GroupNorm "
+                                "groups; multiples of 32 always do"}
+
+
+def _check_model_values(kwargs: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
+    def bad(key: str, expected: str) -> ConfigError:
+        value = kwargs[key]
+        return ConfigError(f"model.{key}", f"expected {expected}, got {list(value) if isinstance(value, tuple) else value!r}")
+
+    for key, value in kwargs.items():
+        if value is None or key not in schema:
+            continue
+        if key in AT_LEAST_ONE and isinstance(value, int) and value < 1:
+            raise bad(key, "an integer >= 1")
+        if key in AT_LEAST_ZERO and isinstance(value, int) and value < 0:
+            raise bad(key, "an integer >= 0")
+        if key in POSITIVE_NUMBERS and isinstance(value, (int, float)) and not value > 0:
+            raise bad(key, "a number > 0")
+        if key in POSITIVE_LISTS and isinstance(value, (list, tuple)) and any(v < 1 for v in value):
+            raise bad(key, "a list of integers >= 1")
+    if "channel_mult" in kwargs and not kwargs["channel_mult"]:
+        raise bad("channel_mult", "at least one level, e.g. [1, 2, 2]")
+    if "time_freq_dim" in kwargs and kwargs["time_freq_dim"] < 2:
+        raise bad("time_freq_dim", "an integer >= 2 (sine and cosine features of the times)")
+    if "dropout" in kwargs and not 0 <= kwargs["dropout"] < 1:
+        raise bad("dropout", "a probability in [0, 1)")
+    if "sample_size" in kwargs and kwargs["sample_size"] > MAX_SAMPLE_SIZE:
+        raise bad("sample_size", f"at most {MAX_SAMPLE_SIZE}")
+
+
+def _key_named_in(message: str, keys: Sequence[str], preferred: Sequence[str]) -> str | None:
+    """The model kwarg a constructor's error message is about: one the recipe sets if it names several."""
+    words = [_MESSAGE_ALIASES.get(w, w) for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message)]
+    named = [w for w in words if w in keys]
+    for word in named:
+        if word in preferred:
+            return word
+    return named[0] if named else None
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any], recipe_keys: Sequence[str] = ()) -> int:
+    """Refuse model kwargs that cannot build a trainable network; return its parameter count.
+
+    ``kwargs`` are the converted recipe kwargs completed from the data (``recipe_keys``: those the recipe
+    sets itself). Explicit range checks first, then the network is built on the meta device (no memory, no
+    initialisation cost), so every check of the constructor runs; its ValueError / TypeError becomes a
+    ConfigError against the ``model.<key>`` its message names. A network without parameters, or one with
+    more than ``MAX_PARAMETERS``, is refused as well.
+    """
+    import torch
+
+    factory = _lookup(name)
+    schema = signature_schema(factory)
+    _check_model_values(kwargs, schema)
+    try:
+        with torch.device("meta"):
+            net = factory(**kwargs)
+    except UserError:
+        raise
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, IndexError, OverflowError, AssertionError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        message += "".join(f" ({hint})" for word, hint in _MESSAGE_HINTS.items() if word in message)
+        key = _key_named_in(message, list(schema), list(recipe_keys))
+        if key is None:
+            raise ConfigError("model", f"{name}: cannot build the network: {message}") from None
+        derived = "" if key in recipe_keys else (f" ({key} = {kwargs.get(key, schema[key][1])!r} comes from the data "
+                                                 "or the model's default)")
+        raise ConfigError(f"model.{key}", f"{message}{derived}") from None
+    n = sum(p.numel() for p in net.parameters())
+    if n == 0:
+        raise ConfigError("model", f"{name}: these settings build a network without parameters")
+    if n > MAX_PARAMETERS:
+        set_here = f" (set here: {', '.join(recipe_keys)})" if recipe_keys else ""
+        raise ConfigError("model", f"{name}: these settings build a network of {n:.3g} parameters, more than the "
+                                   f"{MAX_PARAMETERS:.0e} accepted; is a size mistyped?{set_here}")
+    return n
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

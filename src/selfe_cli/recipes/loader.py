@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from selfe_cli.config import ConfigError, from_dict, to_dict, unknown_key_message
+from selfe_cli.config import ConfigError, _describe, closest, convert, from_dict, to_dict, unknown_key_message
 from selfe_cli.errors import UserError
 from selfe_cli.recipes.schema import MethodSpec, ModelSpec, Recipe, RunConfig, SampleConfig, TrainConfig
 
@@ -43,9 +43,11 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise UserError(f"{path}: cannot read recipe ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (expected a YAML recipe in UTF-8)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -85,69 +87,135 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """A recipe section as a dict: absent or null is empty; anything but a mapping is an error."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(name, f"expected a mapping of {name} keys (e.g. `{name}: {{{_SECTION_EXAMPLE[name]}}}`), "
+                                f"got {_describe(value)}")
+    return dict(value)
+
+
+_SECTION_EXAMPLE = {"run": "name: my_run", "model": "name: unet", "data": "name: shapes",
+                    "method": "name: flow_matching", "train": "total_steps: 1000", "sample": "steps: 4"}
+
+
+def _name(value: Any, key: str, known: list[str], what: str) -> str:
+    """A registry name (model.name, method.name): a known string, else an error with the closest name."""
+    if isinstance(value, str) and value in known:
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a {what} name (one of: {', '.join(known)}), got {_describe(value)}")
+    hint = closest(value, known)
+    raise ConfigError(key, f"unknown {what} {value!r}" + (f"; did you mean '{hint}'?" if hint else "")
+                      + f" (known: {', '.join(known)})")
+
+
 def parse_recipe(raw: dict[str, Any], source: str, default_name: str = "run") -> Recipe:
-    """Validate a raw recipe dict; errors name ``source`` and the key path."""
+    """Validate a raw recipe dict; errors name ``source`` and the key path.
+
+    The sections that need no torch (run, data, method, train, sample) are checked first, so a mistake in
+    them is reported before torch and the model registry are imported; the model section comes last.
+    """
     from selfe_cli.data.config import DataConfig
-    from selfe_cli.methods import METHODS
-    from selfe_cli.models.registry import MODELS, model_schema
+    from selfe_cli.methods.configs import METHOD_CONFIGS, method_config_class
 
     try:
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"expected a mapping of sections ({', '.join(SECTIONS)}), got {_describe(raw)}")
         for key in raw:
             if key not in SECTIONS:
                 raise ConfigError(str(key), unknown_key_message(str(key), list(SECTIONS)))
-        run = from_dict(RunConfig, raw.get("run"), "run")
+        sections = {name: _section(raw, name) for name in SECTIONS}
+        run = from_dict(RunConfig, sections["run"], "run")
         if run.name is None:
             run.name = default_name
         if run.dir is None:
             run.dir = str(Path("runs") / run.name)
 
-        model_raw = dict(raw.get("model") or {})
+        data = from_dict(DataConfig, sections["data"], "data")
+
+        method_raw = sections["method"]
+        method_name = _name(method_raw.pop("name", "flow_matching"), "method.name", list(METHOD_CONFIGS), "method")
+        method_cfg = from_dict(method_config_class(method_name), method_raw, "method")
+
+        train = from_dict(TrainConfig, sections["train"], "train")
+        sample = from_dict(SampleConfig, sections["sample"], "sample")
+
+        from selfe_cli.models.registry import MODELS, model_schema
+
+        model_raw = sections["model"]
         if "name" not in model_raw:
             raise ConfigError("model.name", f"required key is missing (one of: {', '.join(MODELS)})")
-        model_name = model_raw.pop("name")
-        if model_name not in MODELS:
-            from selfe_cli.config import closest
-
-            hint = closest(str(model_name), list(MODELS))
-            raise ConfigError("model.name", f"unknown model {model_name!r}" + (f"; did you mean '{hint}'?" if hint else "")
-                              + f" (known: {', '.join(MODELS)})")
-        from selfe_cli.config import convert
-
+        model_name = _name(model_raw.pop("name"), "model.name", list(MODELS), "model")
         schema = model_schema(model_name)
         model_kwargs = {}
         for key, value in model_raw.items():
             if key not in schema:
                 raise ConfigError(f"model.{key}", unknown_key_message(str(key), list(schema)))
             model_kwargs[key] = convert(value, schema[key][0], f"model.{key}")
-
-        data = from_dict(DataConfig, raw.get("data"), "data")
-
-        method_raw = dict(raw.get("method") or {})
-        method_name = method_raw.pop("name", "flow_matching")
-        if method_name not in METHODS:
-            from selfe_cli.config import closest
-
-            hint = closest(str(method_name), list(METHODS))
-            raise ConfigError("method.name", f"unknown method {method_name!r}" + (f"; did you mean '{hint}'?" if hint else "")
-                              + f" (known: {', '.join(METHODS)})")
-        method_cfg = from_dict(METHODS[method_name].config_class, method_raw, "method")
-
-        train = from_dict(TrainConfig, raw.get("train"), "train")
-        sample = from_dict(SampleConfig, raw.get("sample"), "sample")
     except ConfigError as err:
         raise err.with_source(source) from None
     return Recipe(run=run, model=ModelSpec(model_name, model_kwargs), data=data,
                   method=MethodSpec(method_name, method_cfg), train=train, sample=sample, source=source)
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def guidance_trained_in(method_cfg: Any) -> bool:
+    """True for a method config whose classifier-free guidance is part of the training target
+    (MeanFlow's ``guidance`` with w != 1 or kappa != 0): sampling CFG on top would apply it twice."""
+    return bool(getattr(getattr(method_cfg, "guidance", None), "active", False))
+
+
+def check_guidance(recipe: Recipe) -> None:
+    """A recipe whose guidance is trained in must not also ask for sampling CFG (``sample.cfg_scale``)."""
+    if guidance_trained_in(recipe.method.config) and recipe.sample.cfg_scale != 1.0:
+        raise ConfigError("sample.cfg_scale", f"expected 1.0 for a method whose guidance is trained in "
+                                              f"(method.guidance is active), got {recipe.sample.cfg_scale!r}: "
+                                              "sampling CFG would apply guidance twice", recipe.source)
+
+
+def data_info_or_none(data: Any) -> Any:
+    """The dataset's ``DatasetInfo`` when the data is there, else None (e.g. latents not encoded yet)."""
+    from selfe_cli.data import dataset_info
+
+    try:
+        return dataset_info(data)
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def check_model(recipe: Recipe, info: Any = None) -> int:
+    """Build the recipe's network on the meta device (kwargs completed from the data where it is there);
+    refuse what cannot train with a one-line error naming the file and ``model.<key>``. Returns the
+    parameter count."""
+    from selfe_cli.models.registry import check_model_kwargs
+    from selfe_cli.training.run import model_kwargs
+
+    try:
+        return check_model_kwargs(recipe.model.name, model_kwargs(recipe, info), list(recipe.model.kwargs))
+    except ConfigError as err:
+        raise err.with_source(recipe.source) from None
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, *, check_network: bool = True) -> Recipe:
+    """A validated recipe from a file or bundled name and ``--set`` overrides.
+
+    ``check_network``: also build the network on the meta device (see ``check_model``), so kwargs the
+    constructor rejects, or an empty or absurdly large network, are refused now rather than at training.
+    """
     path = find_recipe(name_or_path)
     raw = read_yaml(path)
     raw = copy.deepcopy(raw)
     for assignment in overrides or []:
         apply_override(raw, assignment)
     source = str(name_or_path) if Path(name_or_path).is_file() else str(path)
-    return parse_recipe(raw, source, default_name=path.stem)
+    recipe = parse_recipe(raw, source, default_name=path.stem)
+    check_guidance(recipe)
+    if check_network:
+        check_model(recipe, data_info_or_none(recipe.data))
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -7,18 +7,25 @@ from typing import Any, Literal
 
 from selfe_cli.config import spec
 
+# Upper bounds of values that could not train or sample anyway (typos such as 1e30 or a missing decimal point).
+MAX_SEED = 2**40  # seeds are mixed as seed * 1_000_003 + ... into torch's 64-bit seeds
+MAX_STEPS = 10**9
+MAX_BATCH = 2**24
+MAX_SAMPLE_STEPS = 100_000
+MAX_GRID = 4096
+
 
 @dataclass
 class RunConfig:
     name: str | None = field(default=None, metadata=spec(help="run name; default: the recipe file's stem"))
     dir: str | None = field(default=None, metadata=spec(help="run directory; default: runs/<name>"))
-    seed: int = field(default=0, metadata=spec(ge=0, help="seed of all randomness (data order, noise, init)"))
+    seed: int = field(default=0, metadata=spec(ge=0, le=MAX_SEED, help="seed of all randomness (data order, noise, init)"))
 
 
 @dataclass
 class TrainConfig:
-    total_steps: int = field(default=1000, metadata=spec(ge=1, help="optimiser steps in the whole run"))
-    batch_size: int = field(default=64, metadata=spec(ge=1, help="global batch: all ranks and accumulation rounds"))
+    total_steps: int = field(default=1000, metadata=spec(ge=1, le=MAX_STEPS, help="optimiser steps in the whole run"))
+    batch_size: int = field(default=64, metadata=spec(ge=1, le=MAX_BATCH, help="global batch: all ranks and accumulation rounds"))
     grad_accum_rounds: int = field(default=1, metadata=spec(ge=1, help="micro-batches per step on each rank"))
     optimizer: Literal["adam", "adamw"] = field(default="adam", metadata=spec(help="Adam or AdamW (decoupled decay)"))
     lr: float = field(default=1e-4, metadata=spec(gt=0, help="peak learning rate"))
@@ -50,20 +57,25 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds total_steps ({self.total_steps})")
         if not self.ema_decays:
             raise ValueError("ema_decays: expected at least one decay")
+        if any(not 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+        if self.grad_accum_rounds > self.batch_size or self.batch_size % self.grad_accum_rounds:
+            raise ValueError(f"batch_size ({self.batch_size}) is not divisible into grad_accum_rounds "
+                             f"({self.grad_accum_rounds}) micro-batches")
 
 
 @dataclass
 class SampleConfig:
-    steps: int = field(default=50, metadata=spec(ge=1, help="default number of sampling steps"))
+    steps: int = field(default=50, metadata=spec(ge=1, le=MAX_SAMPLE_STEPS, help="default number of sampling steps"))
     cfg_scale: float = field(default=1.0, metadata=spec(ge=0, help="classifier-free guidance scale (1: off)"))
     guidance: Literal["standard", "energy"] = field(default="standard", metadata=spec(help="CFG combination rule"))
     r_mode: Literal["next", "same", "mid"] | None = field(
         default=None, metadata=spec(help="landing time of each step: next | same | mid; null: the method's rule"))
     shift: float = field(default=1.0, metadata=spec(gt=0, help="time-grid shift s: t -> s t / (1 + (s - 1) t)"))
     eta: float = field(default=0.0, metadata=spec(ge=0, le=1, help="stochastic (DDIM-style) update strength"))
-    grid_size: int = field(default=16, metadata=spec(ge=1, help="images in the training sample grids"))
+    grid_size: int = field(default=16, metadata=spec(ge=1, le=MAX_GRID, help="images in the training sample grids"))
     grid_prompts: list[str] = field(default_factory=list, metadata=spec(help="prompts/classes of the training grids"))
-    seed: int = field(default=0, metadata=spec(ge=0, help="noise seed of the training grids"))
+    seed: int = field(default=0, metadata=spec(ge=0, le=MAX_SEED, help="noise seed of the training grids"))
 
 
 @dataclass
