@@ -13,13 +13,14 @@ _DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _pick_device(device: str) -> str:
-    import torch
+    from selfe_cli.cli.checks import check_device
 
-    if device == "auto":
+    checked = check_device(device, allowed=("cpu", "cuda", "cuda:N"), auto="auto")
+    if checked is None:
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device: {device} requested but CUDA is not available (use --device cpu)")
-    return device
+    return checked
 
 
 @app.command("encode-latents")
@@ -40,6 +41,15 @@ def encode_latents(
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="DataLoader workers decoding images"),
 ) -> None:
     """Encode SOURCE_DIR once with a VAE into OUT_DIR (resumable); train on it with data.name: latents."""
+    from selfe_cli.cli.checks import output_dir
+
+    for flag, value in (("--vae-dtype", vae_dtype), ("--storage-dtype", storage_dtype)):
+        if value not in _DTYPES:
+            raise UserError(f"{flag}: expected one of {', '.join(_DTYPES)}, got {value!r}")
+    if not source_dir.is_dir():
+        raise UserError(f"SOURCE_DIR: {source_dir} is not a folder (expected an image folder)")
+    output_dir(out_dir, "OUT_DIR")
+    dev = _pick_device(device)
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -53,12 +63,6 @@ def encode_latents(
     from selfe_cli.data.folders import ImageFolder
     from selfe_cli.data.latents import DTYPES, encode_to_latents, load_vae
 
-    for flag, value in (("--vae-dtype", vae_dtype), ("--storage-dtype", storage_dtype)):
-        if value not in _DTYPES:
-            raise UserError(f"{flag}: expected one of {', '.join(_DTYPES)}, got {value!r}")
-    if not source_dir.is_dir():
-        raise UserError(f"SOURCE_DIR: {source_dir} is not a folder (expected an image folder)")
-    dev = _pick_device(device)
     dataset = ImageFolder(source_dir, resolution, hflip=False, captions=captions)
     model = load_vae(vae, device=dev, dtype=DTYPES[vae_dtype])
     console = Console(stderr=True)

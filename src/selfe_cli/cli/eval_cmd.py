@@ -12,6 +12,7 @@ from rich.console import Console
 
 from selfe_cli.cli.app import app, table_console
 from selfe_cli.errors import UserError
+from selfe_cli.recipes.schema import MAX_SEED
 
 eval_app = typer.Typer(help="Evaluate trained models: FID-50K, GenEval (real or shapes suite), step sweeps.",
                        no_args_is_help=True)
@@ -23,6 +24,10 @@ err_console = Console(stderr=True)
 StepsOpt = Annotated[str, typer.Option(help="Comma-separated step counts, e.g. 1,2,4,50: one row per count.")]
 CkptOpt = Annotated[list[str] | None, typer.Option(
     "--ckpt", help="Run directory (repeatable to compare models). Default: the most recent run under ./runs.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")]
+ForceCfgOpt = Annotated[bool, typer.Option(
+    "--force-cfg", help="Apply --cfg even to runs whose guidance is trained into the network (MeanFlow "
+                        "method.guidance), which guides twice.")]
 
 
 def _progress():
@@ -55,6 +60,13 @@ def _default_out(runs: list[Path], suite: str) -> Path:
     return runs[0] / "eval" / suite
 
 
+def _check_cfg(runs: list[Path], cfg: float | None, force_cfg: bool) -> None:
+    from selfe_cli.cli.checks import check_sampling_cfg
+
+    for run in runs:
+        check_sampling_cfg(run, cfg, force_cfg)
+
+
 # ---------------------------------------------------------------------------------------------
 # FID
 # ---------------------------------------------------------------------------------------------
@@ -66,18 +78,31 @@ def fid_cmd(
     steps: StepsOpt = "1",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generation / feature batch.")] = 250,
     cfg: Annotated[float | None, typer.Option(min=0.0, help="Classifier-free guidance scale. Default: the recipe's.")] = None,
-    seed_offset: Annotated[int, typer.Option(min=0, help="Image i uses noise seed seed_offset + i.")] = 0,
+    seed_offset: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Image i uses noise seed seed_offset + i.")] = 0,
     save_png: Annotated[Path | None, typer.Option(help="Also save every generated image as PNG under this folder.")] = None,
     save_npz: Annotated[Path | None, typer.Option(help="Also save the generated statistics (mu, sigma) to this .npz.")] = None,
     inception_weights: Annotated[Path | None, typer.Option(help="Local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (offline use).")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for sweep.json/csv/png. Default: <run>/eval/fid/.")] = None,
     weights: Annotated[str, typer.Option(help="'ema' (default), 'model', or an EMA decay.")] = "ema",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    device: DeviceOpt = None,
+    force_cfg: ForceCfgOpt = False,
 ) -> None:
     """FID of generated images against reference statistics, at one or several step counts."""
-    import torch
+    from selfe_cli.cli.checks import check_device, existing_file, output_dir, output_file
+    from selfe_cli.evaluation.sweep import SweepRow, parse_steps, sweep_table, write_sweep
 
-    from selfe_cli.evaluation.features import inception_features
+    # what the user typed, before anything heavy: steps, paths, runs, the reference, the device
+    step_list = parse_steps(steps)
+    existing_file(ref, "--ref", "reference statistics .npz with 'mu' and 'sigma'")
+    existing_file(inception_weights, "--inception-weights", "torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    output_dir(save_png, "--save-png")
+    output_file(save_npz, "--save-npz", "an .npz file path")
+    output_dir(out, "--out")
+    runs = _run_dirs(ckpt)
+    names = _model_names(runs)
+    if out is None:
+        output_dir(_default_out(runs, "fid"), "--out")
+    _check_cfg(runs, cfg, force_cfg)
     from selfe_cli.evaluation.fid import (
         fid_against,
         generated_stats,
@@ -86,16 +111,17 @@ def fid_cmd(
         rank_world,
         save_stats,
     )
-    from selfe_cli.evaluation.sweep import SweepRow, parse_steps, sweep_table, write_sweep
 
-    step_list = parse_steps(steps)
     ref_mu, ref_sigma = load_stats(ref)
+    device = check_device(device)
+    import torch
+
+    from selfe_cli.evaluation.features import inception_features
+
     distributed = init_distributed_from_env()
     rank, world = rank_world()
     if distributed and torch.cuda.is_available():
         device = device or f"cuda:{torch.cuda.current_device()}"
-    runs = _run_dirs(ckpt)
-    names = _model_names(runs)
     features = inception_features(inception_weights, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if ref_mu.shape[0] != features.dim:
         raise UserError(f"{ref}: statistics of dimension {ref_mu.shape[0]}, the feature network gives {features.dim}")
@@ -143,7 +169,7 @@ def _data_config_for(dataset: str, root: Path | None, resolution: int | None, do
         else:
             from selfe_cli.recipes.loader import load_recipe
 
-            cfg = load_recipe(dataset).data
+            cfg = load_recipe(dataset, check_network=False).data
             if root is not None:
                 cfg = dataclasses.replace(cfg, root=str(root))
             if resolution is not None:
@@ -163,18 +189,22 @@ def fid_ref_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 250,
     download: Annotated[bool, typer.Option(help="cifar10: download the official archive (MD5-checked) into --root if missing.")] = False,
     inception_weights: Annotated[Path | None, typer.Option(help="Local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Reference FID statistics (Inception pool3 mean and covariance) of a dataset."""
+    from selfe_cli.cli.checks import check_device, existing_file, output_file
+
+    output_file(out, "--out", "an .npz file path")
+    existing_file(inception_weights, "--inception-weights", "torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    cfg = _data_config_for(dataset, root, resolution, download)
+    if cfg.name == "latents":
+        raise UserError(f"{dataset}: latent datasets have no pixels; compute FID statistics from the image data")
+    device = check_device(device)
     import torch
 
     from selfe_cli.data import build_dataset
     from selfe_cli.evaluation.features import inception_features
     from selfe_cli.evaluation.fid import dataset_stats, init_distributed_from_env, rank_world, save_stats
-
-    cfg = _data_config_for(dataset, root, resolution, download)
-    if cfg.name == "latents":
-        raise UserError(f"{dataset}: latent datasets have no pixels; compute FID statistics from the image data")
     init_distributed_from_env()
     data = build_dataset(cfg, split="train")
     count = min(n or 50_000, len(data)) if n is None else n
@@ -262,19 +292,35 @@ def geneval_cmd(
     out: Annotated[Path | None, typer.Option(help="Output folder. Default: <run>/eval/<suite>/ (with --images: that folder).")] = None,
     n_per_prompt: Annotated[int, typer.Option(min=1, help="Images per prompt (GenEval: 4).")] = 4,
     cfg: Annotated[float | None, typer.Option(min=0.0, help="Classifier-free guidance scale. Default: the recipe's.")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Image k of prompt i uses noise seed seed + i * n_per_prompt + k; also the shapes prompt-set seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Image k of prompt i uses noise seed seed + i * n_per_prompt + k; also the shapes prompt-set seed.")] = 0,
     per_tag: Annotated[int | None, typer.Option(min=1, help="shapes suite: prompts per tag (default: GenEval's counts).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generation batch.")] = 64,
     detector_path: Annotated[Path | None, typer.Option(help="Local save_pretrained copy of facebook/mask2former-swin-small-coco-instance.")] = None,
     clip_path: Annotated[Path | None, typer.Option(help="Local copy of the OpenAI ViT-L-14 CLIP weights for open_clip.")] = None,
     weights: Annotated[str, typer.Option(help="'ema' (default), 'model', or an EMA decay.")] = "ema",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    device: DeviceOpt = None,
+    force_cfg: ForceCfgOpt = False,
 ) -> None:
     """GenEval scores (six tags + overall) per step count; writes images, results.jsonl and a sweep."""
+    from selfe_cli.cli.checks import check_device, existing_dir, existing_file, existing_path, output_dir
     from selfe_cli.evaluation.sweep import SweepRow, parse_steps, sweep_table, write_sweep
 
+    # what the user typed, before the detector is loaded (or downloaded) and before any generation
     if suite not in ("geneval", "shapes"):
         raise UserError(f"--suite: expected geneval or shapes, got {suite!r}")
+    existing_dir(images, "--images", "a folder in the official layout <NNNNN>/metadata.jsonl + samples/, or "
+                                     "its steps-<k> subfolders")
+    if suite == "geneval":
+        existing_path(detector_path, "--detector-path", "a save_pretrained copy of the Mask2Former detector")
+        existing_file(clip_path, "--clip-path", "the OpenAI ViT-L-14 CLIP weights")
+    output_dir(out, "--out")
+    step_list = parse_steps(steps) if images is None else []
+    runs = _run_dirs(ckpt) if images is None else []
+    if runs:
+        if out is None:
+            output_dir(_default_out(runs, suite), "--out")
+        _check_cfg(runs, cfg, force_cfg)
+    device = check_device(device)
     detector = _build_detector(suite, detector_path, clip_path, device)  # fail fast, before generating
     rows: list[SweepRow] = []
     if images is not None:
@@ -283,8 +329,6 @@ def geneval_cmd(
             summary, _ = _score(folder, detector, folder.name)
             rows.append(SweepRow(images.name, k, {"overall": summary["overall"], **summary["tags"]}))
     else:
-        step_list = parse_steps(steps)
-        runs = _run_dirs(ckpt)
         names = _model_names(runs)
         out_dir = out or _default_out(runs, suite)
         prompts = _prompts(suite, seed, per_tag)

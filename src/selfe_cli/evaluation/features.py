@@ -100,8 +100,11 @@ def build_inception(weights: str | os.PathLike | None = None, *, random_init: bo
         try:
             return tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                    feature_extractor_weights_path=str(path))
-        except (RuntimeError, OSError, KeyError) as err:
-            raise UserError(f"--inception-weights {path}: not the torch-fidelity Inception-v3 weights ({err})") from None
+        except Exception as err:  # noqa: BLE001 - a damaged or foreign file: UnpicklingError, EOFError, KeyError...
+            lines = str(err).strip().splitlines()
+            detail = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+            raise UserError(f"--inception-weights {path}: not the torch-fidelity Inception-v3 weights "
+                            f"{os.path.basename(INCEPTION_URL)} ({detail})") from None
 
     class _Unloaded(tfi.FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, *args, **kwargs):  # type: ignore[override]

@@ -126,20 +126,37 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **ext
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` (D,) and ``sigma`` (D, D) from an .npz; any unreadable or unfit file is a one-line UserError."""
     path = Path(path)
+    expected = "an .npz with arrays 'mu' (D,) and 'sigma' (D, D), from `selfe eval fid-ref`, EDM, clean-fid or TTUR"
     if not path.is_file():
         raise UserError(f"{path}: reference statistics file not found (make one with `selfe eval fid-ref`)")
     try:
-        with np.load(path) as data:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways (BadZipFile, ValueError, EOFError...)
+        raise UserError(f"{path}: not a readable .npz file ({_first_line(err)}); expected {expected}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: a single .npy array, not an .npz; expected {expected}")
+    try:
+        with loaded as data:
             keys = set(data.files)
             if not {"mu", "sigma"} <= keys:
                 raise UserError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(keys)}")
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    except (ValueError, OSError) as err:
-        raise UserError(f"{path}: not a readable .npz file ({err})") from None
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt member: BadZipFile, zlib.error, ValueError...
+        raise UserError(f"{path}: damaged .npz file ({_first_line(err)}); expected {expected}") from None
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise UserError(f"{path}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: mu or sigma holds NaN or infinite values")
     return mu, sigma
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfe_cli.errors import UserError
+from selfe_cli.recipes.schema import MAX_SAMPLE_STEPS
 
 
 @dataclass
@@ -39,6 +40,8 @@ def parse_steps(text: str | Sequence[int]) -> list[int]:
             raise UserError(f"--steps: expected comma-separated positive integers such as 1,2,4,50, got {text!r}") from None
         if value < 1:
             raise UserError(f"--steps: step counts must be >= 1, got {value}")
+        if value > MAX_SAMPLE_STEPS:
+            raise UserError(f"--steps: step counts must be <= {MAX_SAMPLE_STEPS}, got {value}")
         if value not in out:
             out.append(value)
     if not out:
