@@ -1,4 +1,5 @@
-"""MeanFlow (SPEC §2): closed-form identity, JVP vs finite differences, loss algebra, guidance, sampling."""
+"""MeanFlow (MF (6), Algorithms 1-2; docs/methods.md): closed-form identity, JVP vs finite differences, loss
+algebra, guidance, sampling."""
 
 from __future__ import annotations
 
@@ -109,17 +110,22 @@ def test_gaussian_closed_form_is_the_ode_average():
     torch.testing.assert_close(g(z, tt, tt), g.velocity(z, tt), atol=1e-12, rtol=0)  # u(z, t, t) = v
 
 
-@pytest.mark.parametrize("memory_saving", [False, True])
-def test_meanflow_identity_holds_for_the_exact_average_velocity(memory_saving):
-    """u_tgt = v - (t - r) du/dt computed by the method's JVP path equals the exact u (float64)."""
+@pytest.mark.parametrize("jvp_mode", ["single_pass", "two_pass"])
+@pytest.mark.parametrize("r_eq_t", ["none", "scattered"])
+def test_meanflow_identity_holds_for_the_exact_average_velocity(jvp_mode, r_eq_t):
+    """u_tgt = v - (t - r) du/dt computed by the method's JVP path equals the exact u (float64).
+
+    ``scattered``: r = t rows in between (not the leading-rows order of sample_t_r): sorted and restored."""
     torch.manual_seed(1)
     g = GaussianExact(m=-0.7, s=0.5)
     n = 64
     t = torch.rand(n, dtype=torch.float64) * 0.98 + 0.01
     r = t * torch.rand(n, dtype=torch.float64)
+    if r_eq_t == "scattered":
+        r[::3] = t[::3]
     z = torch.randn(n, 2, 3, 3, dtype=torch.float64)
     v = g.velocity(z, t)
-    method = MeanFlow(MeanFlowConfig(memory_saving=memory_saving))
+    method = MeanFlow(MeanFlowConfig(jvp_mode=jvp_mode))
     u, u_tgt = method.u_and_target(g, z, t, r, None, v)
     torch.testing.assert_close(u_tgt, u, atol=1e-5, rtol=0)
     assert (u_tgt - u).abs().max() < 1e-10
@@ -393,48 +399,46 @@ def test_mask_before_minmax(before, expected_logit_mean):
     assert (r[:100_000] < t[:100_000]).all()
 
 
-# ----------------------------------------------------------------------------- memory-saving modes
+# ----------------------------------------------------------------------------- JVP modes
 
 
-def test_memory_saving_gives_the_default_gradients_with_dropout():
-    """Same RNG state around the JVP: dropout masks match, gradients equal the single-pass ones."""
-    net = tiny_unet(dropout=0.3).double()
-    x0, eps, t, r = _batch(n=4, shape=(2, 8, 8))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_jvp_modes_give_the_same_gradients(dropout):
+    """single_pass and two_pass (same RNG state): same loss and gradients, with active dropout too."""
+    net = tiny_unet(dropout=dropout).double()
+    x0, eps, t, r = _batch(n=6, shape=(2, 8, 8))
+    r[4:] = t[4:]
     grads = {}
-    for saving in (False, True):
+    for mode in ("single_pass", "two_pass"):
         net.zero_grad()
         torch.manual_seed(5)
-        MeanFlow(MeanFlowConfig(memory_saving=saving, weight_p=0.75)).loss_from(net, x0, eps, t, r, None).loss.backward()
-        grads[saving] = [p.grad.clone() for p in net.parameters()]
-    for a, b in zip(grads[False], grads[True], strict=True):
+        out = MeanFlow(MeanFlowConfig(jvp_mode=mode, weight_p=0.75)).loss_from(net, x0, eps, t, r, None)
+        out.loss.backward()
+        grads[mode] = (out.loss.detach(), [p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(grads["single_pass"][0], grads["two_pass"][0], atol=1e-12, rtol=1e-10)
+    for a, b in zip(grads["single_pass"][1], grads["two_pass"][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
-    net.zero_grad()
-    torch.manual_seed(6)  # other masks: other gradients (the comparison above can fail)
-    MeanFlow(MeanFlowConfig(weight_p=0.75)).loss_from(net, x0, eps, t, r, None).loss.backward()
-    assert not all(torch.allclose(a, p.grad) for a, p in zip(grads[False], net.parameters(), strict=True))
+    if dropout:
+        net.zero_grad()
+        torch.manual_seed(6)  # other masks: other gradients (the comparison above can fail)
+        MeanFlow(MeanFlowConfig(weight_p=0.75)).loss_from(net, x0, eps, t, r, None).loss.backward()
+        assert not all(torch.allclose(a, p.grad) for a, p in zip(grads["single_pass"][1], net.parameters(), strict=True))
 
 
-def test_jvp_only_r_neq_t_is_exact():
+def test_r_eq_t_rows_are_not_differentiated_and_the_loss_is_unchanged():
+    """The JVP runs on the r != t rows only; the loss equals the one with a JVP on every row."""
     net = tiny_dit().double()
     x0, eps, t, r = _batch(n=6, shape=(2, 8, 8))
     r[3:] = t[3:]
     cond = torch.tensor([0, 1, 2, 0, 1, 2])
-    results = []
-    for cfg in (MeanFlowConfig(), MeanFlowConfig(memory_saving=True, jvp_only_r_neq_t=True)):
-        net.zero_grad()
-        out = MeanFlow(cfg).loss_from(net, x0, eps, t, r, cond)
-        out.loss.backward()
-        results.append((out.loss.detach(), [p.grad.clone() for p in net.parameters()]))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-12, rtol=1e-10)
-    for a, b in zip(results[0][1], results[1][1], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
-
-
-def test_jvp_only_r_neq_t_refuses_dropout():
-    net = tiny_unet(dropout=0.1)
-    x0, eps, t, r = (v.float() for v in _batch(n=2, shape=(2, 8, 8)))
-    with pytest.raises(UserError, match="jvp_only_r_neq_t"):
-        MeanFlow(MeanFlowConfig(memory_saving=True, jvp_only_r_neq_t=True)).loss_from(net, x0, eps, t, r, None)
+    out = MeanFlow(MeanFlowConfig()).loss_from(net, x0, eps, t, r, cond)
+    # reference: the JVP of every row through PyTorch's own rules
+    z = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    v = eps - x0
+    u, du = dual_jvp(net, (z, t, r, cond), (v, torch.ones_like(t), None, None), fast_linear_tangents=False)
+    delta = u - (v - (t - r).view(-1, 1, 1, 1) * du)
+    sq = delta.pow(2).flatten(1).sum(1)
+    torch.testing.assert_close(out.loss, (sq / (sq + 1e-3)).mean(), atol=1e-12, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------- config and sampling
@@ -445,8 +449,8 @@ def test_config_validation():
         meanflow_config(weight_p=-1)
     with pytest.raises(ConfigError, match="did you mean 'ratio_r_neq_t'"):
         meanflow_config(ratio_r_neq=0.5)
-    with pytest.raises(ConfigError, match="memory_saving"):
-        meanflow_config(jvp_only_r_neq_t=True)
+    with pytest.raises(ConfigError, match="jvp_mode"):
+        meanflow_config(jvp_mode="three_pass")
     with pytest.raises(ConfigError, match="t_min"):
         meanflow_config(guidance={"t_min": 0.8, "t_max": 0.5})
     with pytest.raises(ConfigError, match="jvp_dtype"):

@@ -26,11 +26,10 @@ N = 8  # global batch
 NUM_CLASSES = 3
 
 MODES = {  # name -> (method config, DDP kwargs)
-    "dual": ({"weight_p": 1.0}, {}),
-    "dual+guidance": ({"weight_p": 0.75, "guidance": {"w": 0.2, "kappa": 0.5, "t_max": 0.8}}, {}),
-    "memory_saving": ({"memory_saving": True}, {}),
-    "memory_saving+jvp_only_r_neq_t": ({"memory_saving": True, "jvp_only_r_neq_t": True}, {}),
-    "dual+find_unused_parameters": ({}, {"find_unused_parameters": True}),  # falls back to the split path
+    "single_pass": ({"weight_p": 1.0, "jvp_mode": "single_pass"}, {}),
+    "single_pass+guidance": ({"weight_p": 0.75, "guidance": {"w": 0.2, "kappa": 0.5, "t_max": 0.8}}, {}),
+    "two_pass": ({"jvp_mode": "two_pass"}, {}),
+    "auto+find_unused_parameters": ({}, {"find_unused_parameters": True}),  # auto picks two_pass
 }
 
 

@@ -1,21 +1,35 @@
-"""Forward-mode Jacobian-vector products of a network, exact, cheap and safe under DDP.
+"""The package's one forward-mode engine: exact Jacobian-vector products of a network, without waste.
 
-Why forward-mode dual tensors (``torch.autograd.forward_ad``) and not ``torch.func.jvp``:
-  * dual tensors flow through ``DistributedDataParallel.forward`` like ordinary tensors, so the
-    reducer sees the primal's autograd graph and all-reduces the gradients on ``backward``.
-    ``torch.func.jvp`` cannot trace through the DDP wrapper (pytorch #102197) and on
-    ``ddp.module`` it silently skips the all-reduce;
-  * PyTorch's forward-mode rules are exact but wasteful here: for ``convolution`` / ``linear`` an
-    undefined weight tangent becomes a materialised zero tensor that is convolved / multiplied
-    (measured on 2 CPU cores: a dual conv costs 2.5 plain convs, a dual linear 6, conv through
-    ``torch.func.jvp`` 4.5), norms and activations decompose into many small ops, and when the primal
-    needs grad every tangent op is recorded in the autograd graph although nothing back-propagates
-    through it. ``TangentOps`` intercepts conv / linear / group_norm / layer_norm / silu / gelu /
-    scaled_dot_product_attention while a dual pass runs: the primal is the op itself (with its
-    graph; attention may use the fast kernels for it), the tangent its closed form under ``no_grad``.
+Every method whose target contains a total derivative along the probability-flow trajectory (MeanFlow
+and its successors, continuous consistency training) needs ``u = net(x, t, r, c)`` *with* its autograd
+graph and ``du = J net . (dx, dt, dr)`` *without* one, on the rows where the target uses it (MeanFlow:
+rows with ``r != t``; elsewhere ``(t - r) du = 0``). ``two_time_jvp`` computes exactly that:
 
-The tangent this module returns is always detached: MeanFlow puts the whole target under
-stop-gradient, so no backward graph is needed through it.
+* ``single_pass`` (the default where it applies): the rows that need the tangent go through the network
+  once as forward-mode dual tensors (``torch.autograd.forward_ad``), which gives their ``u`` with its
+  graph and their tangent in the same pass; the other rows go through an ordinary forward. Dropout draws
+  one mask per row that serves primal and tangent alike (it is one op), so active dropout is exact, and
+  both calls go through the network *as passed*: under ``DistributedDataParallel`` the reducer sees the
+  graph and all-reduces on ``backward`` (``torch.func.jvp`` can trace neither through the DDP wrapper nor
+  through ``ddp.module`` without silently skipping the all-reduce, pytorch #102197).
+* ``two_pass``: the tangent rows' JVP runs under ``no_grad`` on the bare module, then ordinary forwards
+  with graph give ``u``; the RNG is forked around the JVP so that the forward of the same rows draws the
+  same dropout masks. One more forward of the tangent rows, but nothing forward-mode inside the graph:
+  this is the mode for FSDP2 (its post-backward hook is an autograd Function without a forward-AD rule)
+  and for DDP with ``find_unused_parameters`` / ``static_graph`` (which insert such a Function too).
+
+Inside a dual pass, ``TangentOps`` replaces PyTorch's built-in forward-mode rules for the layers that
+carry the cost. The built-in rules are exact but wasteful: for convolution and linear layers they
+convolve / multiply a materialised zero *weight* tangent (measured on 2 CPU cores: a dual conv costs 2.5
+plain convs, a dual linear 6), norms and activations decompose into many small ops, and with grad enabled
+every tangent op is recorded in the autograd graph although nothing back-propagates through the tangent.
+With ``TangentOps`` the primal is the op itself (with its graph; attention keeps its fused kernels) and the
+tangent is its closed form under ``no_grad``, from fused kernels where PyTorch has them (norms and
+activations reuse their backward kernels: their Jacobians are symmetric or diagonal). Anything without a
+rule falls through to PyTorch's own rule, so the result is exact either way
+(``tests/methods/test_jvp_engine.py`` compares every network with ``torch.func.jvp`` in float64).
+
+The tangent returned is always detached: the targets that use it are under stop-gradient.
 """
 
 from __future__ import annotations
@@ -23,13 +37,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+
+from selfe_cli.methods.base import is_sharded, unwrap
 
 # Ops that are linear in their input for fixed (weight, bias): tangent = op(x_t, weight, no bias).
 # All take (input, weight, bias, *rest) positionally.
@@ -40,6 +58,9 @@ _LINEAR_IN_INPUT = {
 _FAST_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                   SDPBackend.MATH]
 
+JvpMode = Literal["auto", "single_pass", "two_pass"]
+JvpDtype = Literal["float32", "bfloat16"]
+
 
 def _tangent_of(x: Any) -> torch.Tensor | None:
     if not isinstance(x, torch.Tensor):
@@ -49,151 +70,19 @@ def _tangent_of(x: Any) -> torch.Tensor | None:
 
 def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list[Any]:
     """Positional + keyword arguments -> values in ``names`` order (defaults fill the rest)."""
-    out = list(args) + [kwargs[n] if n in kwargs else d for n, d in zip(names[len(args):], defaults[len(args):], strict=True)]
-    return out
-
-
-def _f(x: torch.Tensor) -> torch.Tensor:
-    """Tangent math in fp32 at least (bf16/fp16 activations), float64 kept (exact tests)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _norm_tangent(x: torch.Tensor, dx: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                  reduce: Callable[[torch.Tensor], torch.Tensor], expand: Callable[[torch.Tensor], torch.Tensor],
-                  gamma: torch.Tensor | None) -> torch.Tensor:
-    """Tangent of ``gamma (x - mean) rstd`` given the primal's statistics (per group / row).
-
-    ``d x^ = r (dx - m1 - x^ mean(x^ dx))`` with ``m1 = mean(dx)``, ``mean(x^ dx) = r (m2 - mean m1)``,
-    ``m2 = mean(x dx)``, r = rstd; that is ``dx S + x K + B`` with per-group coefficients, so the
-    full-size work is one product and two reductions for the moments and two fused multiply-adds
-    (recomputing the statistics as well cost ~12 full-size ops per norm, the bottleneck of a U-Net's JVP).
-    ``reduce`` averages a full-size tensor to the statistics' shape; ``expand`` makes a per-group
-    coefficient broadcastable against ``x`` (with the per-channel gamma folded in).
-    """
-    x, dx, mean, rstd = _f(x), _f(dx), _f(mean), _f(rstd)
-    m1 = reduce(dx)
-    m2 = reduce(x * dx)
-    a2 = rstd * rstd * (m2 - mean * m1)  # rstd * mean(x^ dx)
-    g = None if gamma is None else _f(gamma)
-    scale = expand(rstd, g)  # S = gamma rstd
-    k = expand(-a2 * rstd, g)  # K
-    b = expand(rstd * (a2 * mean - m1), g)  # B
-    return torch.addcmul(torch.addcmul(b, dx, scale), x, k)
-
-
-def _group_norm_rule(func, args, kwargs):  # noqa: ANN001, ANN202
-    """F.group_norm: the primal and its statistics from one ``native_group_norm`` (keeps the graph)."""
-    x, groups, weight, bias, eps = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
-                                         (None, None, None, None, 1e-5))
-    primal, dx = fwAD.unpack_dual(x)
-    if dx is None or _tangent_of(weight) is not None or _tangent_of(bias) is not None:
-        return func(*args, **kwargs)
-    n, c = primal.shape[:2]
-    hw = primal.numel() // max(n * c, 1)
-    out, mean, rstd = torch.native_group_norm(primal, weight, bias, n, c, hw, groups, eps)  # (N, G) stats
-    spatial = tuple(range(2, primal.dim()))
-    per = c // groups
-
-    def reduce(y: torch.Tensor) -> torch.Tensor:  # (N, C, ...) -> (N, G) group means
-        y = y.sum(spatial) if spatial else y
-        return y.view(n, groups, per).sum(-1) / (per * hw)
-
-    def expand(coef: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:  # (N, G) -> (N, C, 1, ...)
-        full = coef.view(n, groups, 1).expand(n, groups, per).reshape(n, c)
-        if gamma is not None:
-            full = full * gamma
-        return full.view(n, c, *[1] * len(spatial))
-
-    with torch.no_grad():
-        tangent = _norm_tangent(primal.detach(), dx, mean.detach(), rstd.detach(), reduce, expand, weight)
-    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
-
-
-def _layer_norm_rule(func, args, kwargs):  # noqa: ANN001, ANN202
-    """F.layer_norm: the primal and its statistics from one ``native_layer_norm`` (keeps the graph)."""
-    x, shape, weight, bias, eps = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
-                                        (None, None, None, None, 1e-5))
-    primal, dx = fwAD.unpack_dual(x)
-    if dx is None or _tangent_of(weight) is not None or _tangent_of(bias) is not None:
-        return func(*args, **kwargs)
-    out, mean, rstd = torch.native_layer_norm(primal, list(shape), weight, bias, eps)  # (..., 1, ...) stats
-    dims = tuple(range(-len(shape), 0))
-
-    def reduce(y: torch.Tensor) -> torch.Tensor:
-        return y.mean(dims, keepdim=True)
-
-    def expand(coef: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        return coef if gamma is None else coef * gamma  # (..., 1) * (D,) -> (..., D)
-
-    with torch.no_grad():
-        tangent = _norm_tangent(primal.detach(), dx, mean.detach(), rstd.detach(), reduce, expand, weight)
-    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
-
-
-def _silu(xp, xt):  # noqa: ANN001, ANN202
-    s = torch.sigmoid(_f(xp))
-    return _f(xt) * s * (1 + _f(xp) * (1 - s))
-
-
-def _gelu(xp, xt, approximate):  # noqa: ANN001, ANN202
-    x = _f(xp)
-    if approximate == "tanh":
-        k = math.sqrt(2 / math.pi)
-        th = torch.tanh(k * (x + 0.044715 * x ** 3))
-        d = 0.5 * (1 + th) + 0.5 * x * (1 - th ** 2) * k * (1 + 3 * 0.044715 * x ** 2)
-    else:
-        d = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)
-    return _f(xt) * d
-
-
-def _attention_tangent(q, k, v, dq, dk, dv, mask, is_causal, scale):  # noqa: ANN001, ANN202
-    """d softmax(q k^T s + m) v = dP v + P dv, dP = P (dS - rowsum(P dS)), dS = s (dq k^T + q dk^T)."""
-    q, k, v = _f(q), _f(k), _f(v)
-    scores = q @ k.transpose(-2, -1) * scale  # (..., L, S)
-    if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + _f(mask)
-    probs = scores.softmax(-1)  # (..., L, S)
-    d_scores = torch.zeros_like(scores)
-    if dq is not None:
-        d_scores = d_scores + _f(dq) @ k.transpose(-2, -1) * scale
-    if dk is not None:
-        d_scores = d_scores + q @ _f(dk).transpose(-2, -1) * scale
-    d_probs = probs * (d_scores - (probs * d_scores).sum(-1, keepdim=True))
-    out = d_probs @ v
-    if dv is not None:
-        out = out + probs @ _f(dv)
-    return out
-
-
-class TangentOps(TorchFunctionMode):
-    """Inside a ``fwAD.dual_level``: exact tangent rules for the common layers, computed without graph.
-
-    PyTorch's built-in forward-mode rules are exact but slow here: they materialise zero tangents for
-    the weights (conv, linear, norms) and, when the primal needs grad, record every tangent op in the
-    autograd graph although MeanFlow never back-propagates through the tangent. For conv / linear /
-    group_norm / layer_norm / silu / gelu / scaled_dot_product_attention with a dual input and
-    constant (non-dual) weights, the primal is computed by the op itself (with its autograd graph;
-    attention may use the fast kernels) and the tangent by its closed form under ``no_grad``.
-    Anything else falls through to PyTorch's own rules, so the result is exact either way
-    (``tests/methods/test_meanflow.py`` compares both paths and finite differences).
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = dict(kwargs or {})
-        rule = _RULES.get(func)
-        if rule is None:
-            return func(*args, **kwargs)
-        return rule(func, args, kwargs)
+    return list(args) + [kwargs[n] if n in kwargs else d
+                         for n, d in zip(names[len(args):], defaults[len(args):], strict=True)]
 
 
 def _dual(out: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     return fwAD.make_dual(out, tangent.to(out.dtype))
 
 
+# ----------------------------------------------------------------------------- tangent rules
+
+
 def _linear_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    """conv / linear: ``d op(x; W, b) = op(dx; W, no bias)``, one GEMM, no weight tangent."""
     args = list(args)
     for i, name in enumerate(("input", "weight", "bias")):  # keyword input/weight/bias -> positions
         if name in kwargs and len(args) == i:
@@ -208,30 +97,119 @@ def _linear_rule(func, args, kwargs):  # noqa: ANN001, ANN202
         return func(*args, **kwargs)
     out = func(primal, weight, bias, *args[3:], **kwargs)
     with torch.no_grad():
-        tangent = func(x_tangent, weight, None, *args[3:], **kwargs)
+        tangent = func(x_tangent.to(primal.dtype), weight, None, *args[3:], **kwargs)
+    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
+def _group_norm_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    """F.group_norm: primal and statistics from one ``native_group_norm`` (keeps the graph).
+
+    The plain normalisation ``n(x) = (x - mean) rstd`` has the symmetric Jacobian
+    ``rstd (I - 11^T / m - n n^T / m)`` per group, so its JVP is its VJP: the fused backward kernel with
+    ``weight=None`` gives it in one pass (spelt out, it cost 5-12 full-size ops per norm, the bottleneck of
+    a U-Net's JVP). ``gamma`` acts per channel after the normalisation, so it multiplies the result.
+    """
+    x, groups, weight, bias, eps = _bind(args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
+                                         (None, None, None, None, 1e-5))
+    primal, dx = fwAD.unpack_dual(x)
+    if dx is None or _tangent_of(weight) is not None or _tangent_of(bias) is not None:
+        return func(*args, **kwargs)
+    n, c = primal.shape[:2]
+    hw = primal.numel() // max(n * c, 1)
+    out, mean, rstd = torch.native_group_norm(primal, weight, bias, n, c, hw, groups, eps)  # (N, G) stats
+    with torch.no_grad():
+        tangent = torch.ops.aten.native_group_norm_backward(
+            dx.to(primal.dtype), primal.detach(), mean.detach(), rstd.detach(), None, n, c, hw, groups,
+            [True, False, False])[0]
+        if weight is not None:
+            tangent = tangent * weight.view((1, c) + (1,) * (primal.dim() - 2))
+    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
+def _layer_norm_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    """F.layer_norm: like ``_group_norm_rule`` (symmetric Jacobian, fused backward kernel as the JVP)."""
+    x, shape, weight, bias, eps = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
+                                        (None, None, None, None, 1e-5))
+    primal, dx = fwAD.unpack_dual(x)
+    if dx is None or _tangent_of(weight) is not None or _tangent_of(bias) is not None:
+        return func(*args, **kwargs)
+    shape = list(shape)
+    out, mean, rstd = torch.native_layer_norm(primal, shape, weight, bias, eps)  # (..., 1) stats
+    with torch.no_grad():
+        tangent = torch.ops.aten.native_layer_norm_backward(
+            dx.to(primal.dtype), primal.detach(), shape, mean.detach(), rstd.detach(), None, None,
+            [True, False, False])[0]
+        if weight is not None:
+            tangent = tangent * weight
     return _dual(out, tangent)  # outside no_grad: keeps the primal graph
 
 
 def _silu_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    """F.silu: the Jacobian is diagonal, so the backward kernel ``silu'(x) * dx`` is the tangent (1 op)."""
     x, inplace = _bind(args, kwargs, ("input", "inplace"), (None, False))
     primal, x_tangent = fwAD.unpack_dual(x)
     if x_tangent is None or inplace:
         return func(*args, **kwargs)
     out = func(primal)
     with torch.no_grad():
-        tangent = _silu(primal, x_tangent)
+        tangent = torch.ops.aten.silu_backward(x_tangent.to(primal.dtype), primal.detach())
     return _dual(out, tangent)  # outside no_grad: keeps the primal graph
 
 
 def _gelu_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    """F.gelu (exact and tanh): diagonal Jacobian, the backward kernel is the tangent."""
     x, approximate = _bind(args, kwargs, ("input", "approximate"), (None, "none"))
     primal, x_tangent = fwAD.unpack_dual(x)
     if x_tangent is None:
         return func(*args, **kwargs)
     out = func(primal, approximate=approximate)
     with torch.no_grad():
-        tangent = _gelu(primal, x_tangent, approximate)
+        tangent = torch.ops.aten.gelu_backward(x_tangent.to(primal.dtype), primal.detach(), approximate=approximate)
     return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
+def _attention_tangent(q, k, v, dq, dk, dv, mask, is_causal, scale):  # noqa: ANN001, ANN202
+    """d softmax(q k^T s + m) v = dP v + P dv, dP = P (dS - rowsum(P dS)), dS = s (dq k^T + q dk^T).
+
+    Explicit (O(L S) memory per head): the fallback where no fused attention kernel has a JVP.
+    """
+    work = torch.promote_types(q.dtype, torch.float32)  # bf16 activations: the softmax JVP in fp32
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    scores = q @ k.transpose(-2, -1) * scale  # (..., L, S)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(work)
+    probs = scores.softmax(-1)  # (..., L, S)
+    d_scores = None
+    if dq is not None:
+        d_scores = dq.to(work) @ k.transpose(-2, -1) * scale
+    if dk is not None:
+        term = q @ dk.to(work).transpose(-2, -1) * scale
+        d_scores = term if d_scores is None else d_scores + term
+    out = probs @ dv.to(work) if dv is not None else None
+    if d_scores is not None:
+        d_probs = probs * (d_scores - (probs * d_scores).sum(-1, keepdim=True))
+        out = d_probs @ v if out is None else out + d_probs @ v
+    return out
+
+
+def _triton_jvp_attention() -> Callable[..., torch.Tensor] | None:
+    """``jvp_flash_attention``'s Triton kernel (forward with JVP, and backward) where it can run: CUDA only."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from jvp_flash_attention.jvp_attention import attention
+    except ImportError:
+        return None
+    return attention
+
+
+def attention_jvp_backend(device: torch.device | str) -> str:
+    """Which attention JVP a dual pass on ``device`` uses: ``triton`` (fused, O(L) memory) or ``explicit``."""
+    device = torch.device(device)
+    return "triton" if device.type == "cuda" and _triton_jvp_attention() is not None else "explicit"
 
 
 def _sdpa_rule(func, args, kwargs):  # noqa: ANN001, ANN202
@@ -243,10 +221,19 @@ def _sdpa_rule(func, args, kwargs):  # noqa: ANN001, ANN202
             or qp.shape[:-2] != kp.shape[:-2]:
         return func(*args, **kwargs)  # PyTorch's rule (MATH kernel, forced by dual_jvp)
     scale = scale if scale is not None else 1.0 / math.sqrt(qp.shape[-1])
+    fused = _triton_jvp_attention() if qp.is_cuda else None
+    if fused is not None and mask is None and qp.shape == kp.shape == vp.shape and qp.dim() == 4 \
+            and qp.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        # Self-attention on CUDA: jvp_flash_attention's kernel gives primal (with its own backward) and
+        # tangent in one fused pass, O(L) memory. Zero tangents where PyTorch left them undefined.
+        duals = [fwAD.make_dual(p, d if d is not None else torch.zeros_like(p)) for p, d in ((qp, dq), (kp, dk), (vp, dv))]
+        out = fused(*duals, causal=bool(is_causal), sm_scale=scale)
+        primal, tangent = fwAD.unpack_dual(out)
+        return _dual(primal, tangent.detach())
     with sdpa_kernel(_FAST_BACKENDS):  # the primal (with its graph) may use flash / efficient kernels
         out = func(qp, kp, vp, attn_mask=mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
     with torch.no_grad():
-        tangent = _attention_tangent(qp, kp, vp, dq, dk, dv, mask, is_causal, scale)
+        tangent = _attention_tangent(qp.detach(), kp.detach(), vp.detach(), dq, dk, dv, mask, is_causal, scale)
     return _dual(out, tangent)  # outside no_grad: keeps the primal graph
 
 
@@ -260,14 +247,29 @@ _RULES.update({
 })
 
 
-JvpDtype = Literal["float32", "bfloat16"]
+class TangentOps(TorchFunctionMode):
+    """Inside a ``fwAD.dual_level``: exact tangent rules for the layers that carry the cost, without graph.
+
+    For conv / linear / group_norm / layer_norm / silu / gelu / scaled_dot_product_attention with a dual
+    input and constant (non-dual) weights, the primal is the op itself (with its autograd graph) and the
+    tangent its closed form under ``no_grad``; everything else falls through to PyTorch's own rules.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        rule = _RULES.get(func)
+        if rule is None:
+            return func(*args, **(kwargs or {}))
+        return rule(func, args, dict(kwargs or {}))
+
+
+# ----------------------------------------------------------------------------- precision
 
 
 @contextlib.contextmanager
 def jvp_precision(device: torch.device, dtype: JvpDtype) -> Iterator[None]:
     """Run the JVP in fp32 (autocast off) or bf16 autocast, whatever the surrounding autocast is.
 
-    fp16 is not offered: MeanFlow ports report NaN losses with it (SPEC §2).
+    fp16 is not offered: MeanFlow ports report NaN losses with it.
     """
     if dtype == "float32":
         with torch.autocast(device.type, enabled=False):
@@ -277,6 +279,14 @@ def jvp_precision(device: torch.device, dtype: JvpDtype) -> Iterator[None]:
             yield
 
 
+def as_jvp_input(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 activations go into the JVP as fp32 (float64 stays float64 for tests)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ----------------------------------------------------------------------------- one dual pass
+
+
 def dual_jvp(fn: Callable[..., torch.Tensor], primals: Sequence[Any],
              tangents: Sequence[torch.Tensor | None], *, fast_linear_tangents: bool = True,
              math_sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +294,9 @@ def dual_jvp(fn: Callable[..., torch.Tensor], primals: Sequence[Any],
 
     Non-tensor primals (conditions, dicts) pass through unchanged. The primal output keeps its
     autograd graph when grad mode is on (so ``fn`` may be a DDP wrapper); the tangent is detached.
-    Attention runs on the MATH SDPA kernel (flash / memory-efficient kernels have no forward AD).
+    Attention that ``TangentOps`` does not handle runs on the MATH SDPA kernel (the flash /
+    memory-efficient kernels have no forward-AD rule). ``fast_linear_tangents=False`` uses PyTorch's
+    own rules throughout (the reference in tests).
     """
     if len(primals) != len(tangents):
         raise ValueError(f"{len(primals)} primals but {len(tangents)} tangents")
@@ -299,4 +311,144 @@ def dual_jvp(fn: Callable[..., torch.Tensor], primals: Sequence[Any],
     return primal, tangent.detach()
 
 
-__all__ = ["JvpDtype", "TangentOps", "dual_jvp", "jvp_precision"]
+# ----------------------------------------------------------------------------- the engine
+
+
+def _uses_ddp_sink(net: nn.Module) -> bool:
+    """DDP inserts ``_DDPSink`` (no forward-AD rule) with find_unused_parameters / static_graph."""
+    return isinstance(net, nn.parallel.DistributedDataParallel) and bool(
+        net.find_unused_parameters or getattr(net, "static_graph", False))
+
+
+def _is_compiled(net: nn.Module) -> bool:
+    while isinstance(net, nn.parallel.DistributedDataParallel):
+        net = net.module
+    return hasattr(net, "_orig_mod")
+
+
+def has_active_dropout(net: nn.Module) -> bool:
+    bare = unwrap(net)
+    return bare.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in bare.modules())
+
+
+@dataclass(frozen=True)
+class JvpPlan:
+    """How ``two_time_jvp`` runs for a network: the mode and why (printed by ``selfe train --dry-run``)."""
+
+    mode: Literal["single_pass", "two_pass"]
+    reason: str
+    attention: str  # "explicit" (softmax JVP in PyTorch ops) or "triton" (jvp_flash_attention)
+
+    def describe(self) -> str:
+        return f"{self.mode} ({self.reason}; attention JVP: {self.attention})"
+
+
+def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device | str | None = None) -> JvpPlan:
+    """Pick the forward-mode route for ``net`` (DDP / FSDP / compiled wrappers included).
+
+    ``single_pass`` wherever the dual tensors can go through the network as passed; ``two_pass`` where a
+    wrapper inserts an autograd Function without a forward-AD rule (FSDP2, DDP with
+    ``find_unused_parameters`` or ``static_graph``) or where the network is compiled (Dynamo does not
+    trace forward-mode dual tensors: the compiled module runs the forward with graph and its backward,
+    the JVP runs eagerly on the bare module).
+    """
+    if device is None:
+        p = next(unwrap(net).parameters(), None)
+        device = p.device if p is not None else "cpu"
+    attention = attention_jvp_backend(device)
+    blocker = None
+    if is_sharded(net):
+        blocker = "FSDP2's post-backward hooks have no forward-AD rule"
+    elif _uses_ddp_sink(net):
+        blocker = "DDP with find_unused_parameters / static_graph inserts a Function without a forward-AD rule"
+    elif _is_compiled(net):
+        blocker = "torch.compile does not trace forward-mode dual tensors: the JVP runs eagerly"
+    if requested == "single_pass":
+        if blocker is not None:
+            from selfe_cli.errors import UserError
+            raise UserError(f"method.jvp_mode: single_pass cannot run here ({blocker}); use auto or two_pass")
+        return JvpPlan("single_pass", "requested", attention)
+    if requested == "two_pass":
+        return JvpPlan("two_pass", "requested", attention)
+    if blocker is not None:
+        return JvpPlan("two_pass", blocker, attention)
+    return JvpPlan("single_pass", "dual tensors through the network as passed", attention)
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return torch.cat([p.to(dtype) for p in parts])
+
+
+def _rows(x: Any, sl: slice) -> Any:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x[sl]
+    return {k: v[sl] for k, v in x.items()}
+
+
+def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Any,
+                 dx: torch.Tensor, dt: torch.Tensor | None, dr: torch.Tensor | None = None, *,
+                 jvp_rows: int | None = None, mode: JvpMode = "auto",
+                 dtype: JvpDtype = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """``u = net(x, t, r, cond)`` with its graph, and ``du = J u . (dx, dt, dr)`` detached.
+
+    Only the first ``jvp_rows`` rows (default: all) get the tangent; ``du`` is zero on the others (callers
+    put the rows whose target uses ``du`` first: MeanFlow's ``sample_t_r`` does). ``cond`` is constant.
+    ``mode``: ``auto`` picks with ``plan_jvp``; ``dtype``: the JVP's precision (``jvp_precision``).
+    """
+    n = x.shape[0]
+    k = n if jvp_rows is None else int(jvp_rows)
+    if not 0 <= k <= n:
+        raise ValueError(f"jvp_rows must be in [0, {n}], got {k}")
+    plan = plan_jvp(net, mode, x.device)
+    sharded = is_sharded(net)
+    head, tail = slice(0, k), slice(k, n)
+
+    def dual_args(sl: slice) -> tuple[tuple, tuple]:
+        primals = (as_jvp_input(x[sl]), t[sl], r[sl], _rows(cond, sl))
+        tangents = (dx[sl], None if dt is None else dt[sl], None if dr is None else dr[sl], None)
+        return primals, tangents
+
+    du = torch.zeros_like(dx)
+    if plan.mode == "single_pass":
+        parts = []
+        if k:
+            with jvp_precision(x.device, dtype):
+                u_head, du_head = dual_jvp(net, *dual_args(head))
+            parts.append(u_head)
+            du[head] = du_head.to(du.dtype)
+        if k < n:
+            parts.append(net(x[tail], t[tail], r[tail], _rows(cond, tail)))
+        return _cat_rows(parts).to(x.dtype), du
+
+    # two_pass: JVP without graph on the bare module, then forwards with graph through the wrappers.
+    bare = unwrap(net)
+    dropout = has_active_dropout(net)
+    collective = sharded or _uses_ddp_sink(net)  # every rank must make the same calls, one forward each
+    if dropout and collective:
+        k, head, tail = n, slice(0, n), slice(n, n)  # same shapes as the forward, so the same masks
+    jvp_sl = head if (k or not sharded) else slice(0, 1)  # FSDP: a placeholder row keeps ranks in step
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=x.device.type):
+        if jvp_sl.stop > jvp_sl.start:
+            with torch.no_grad(), jvp_precision(x.device, dtype):
+                _, du_head = dual_jvp(bare, *dual_args(jvp_sl))
+            if k:
+                du[head] = du_head.to(du.dtype)
+    # RNG restored: the forward of the same rows draws the dropout masks the JVP pass drew.
+    if dropout and not collective and 0 < k < n:
+        u = _cat_rows([net(x[head], t[head], r[head], _rows(cond, head)),
+                       net(x[tail], t[tail], r[tail], _rows(cond, tail))])
+    else:
+        u = net(x, t, r, cond)
+    return u.to(x.dtype), du
+
+
+__all__ = ["JvpDtype", "JvpMode", "JvpPlan", "TangentOps", "as_jvp_input", "attention_jvp_backend", "dual_jvp",
+           "has_active_dropout", "jvp_precision", "plan_jvp", "two_time_jvp"]

@@ -1,22 +1,15 @@
-"""MeanFlow (SPEC §2; Geng et al. 2025, arXiv 2505.13447): one-step generation from the average velocity.
+"""MeanFlow (Geng et al. 2025, arXiv 2505.13447): one-step generation from the average velocity.
 
 The two-time network ``net(z, t, r, c)`` is trained on the MeanFlow identity [6]
 ``u(z, r, t) = v(z, t) - (t - r) du/dt`` with ``du/dt = v d_z u + d_t u`` (Algorithm 1): the total
 derivative is the JVP of the network along the tangent ``(dz, dr, dt) = (v, 0, 1)``, and the whole
 target ``u_tgt = v - (t - r) du/dt`` is under stop-gradient.
 
-How the JVP is computed (``selfe_cli.methods.jvp``), and why it is correct under DDP:
-  * default ("dual") mode: forward-mode dual tensors go through the network *as passed in*, i.e.
-    through ``DistributedDataParallel.forward``: one pass gives ``u`` with its autograd graph (which
-    the DDP reducer sees, so ``backward`` all-reduces the gradients) and the tangent ``du/dt``;
-  * ``memory_saving`` mode: the JVP runs under ``no_grad`` on the bare module (no graph at all),
-    then an ordinary forward with grad through the (DDP) net gives ``u``; the RNG state is forked
-    around the JVP so dropout draws the same masks in both passes. One more forward, less memory.
-    With ``jvp_only_r_neq_t`` the JVP runs only on the rows with ``r != t``: for the others the
-    target is exactly ``v`` because ``(t - r) = 0``, so with 25% of rows (ImageNet) most of the JVP
-    cost goes away. Needs a network without active dropout (the masks could not match).
-  * a DDP wrapper with ``find_unused_parameters`` / ``static_graph`` inserts an autograd Function
-    without a forward-AD rule into its forward: the memory-saving path is used automatically.
+The JVP comes from the package's forward-mode engine (``selfe_cli.methods.jvp.two_time_jvp``, explained
+in docs/methods.md "The forward-mode engine"): only the rows with ``r != t`` get a tangent (elsewhere
+``(t - r) du/dt = 0`` and the target is exactly ``v``), in one dual pass with the primal where the
+network allows it (``single_pass``) or without graph before an ordinary forward (``two_pass``: FSDP2,
+DDP with ``find_unused_parameters`` / ``static_graph``, compiled networks). Dropout is exact in both.
 The 2-process gloo tests in ``tests/methods/test_meanflow_ddp.py`` check both modes against the
 single-process gradient of the global batch.
 """
@@ -31,9 +24,8 @@ import torch
 from torch import nn
 
 from selfe_cli.config import spec
-from selfe_cli.errors import UserError
 from selfe_cli.methods.base import LossOutput, Method, drop_condition, is_sharded, rows_or_placeholder, unwrap
-from selfe_cli.methods.jvp import JvpDtype, dual_jvp, jvp_precision
+from selfe_cli.methods.jvp import JvpDtype, JvpMode, as_jvp_input, jvp_precision, two_time_jvp
 from selfe_cli.methods.paths import TimeSamplerConfig, bcast, interpolate, sample_time, velocity
 from selfe_cli.models.conditioning import Cond, cond_cat, cond_index
 
@@ -86,14 +78,10 @@ class MeanFlowConfig:
     guidance: MeanFlowGuidanceConfig = field(
         default_factory=MeanFlowGuidanceConfig, metadata=spec(help="CFG trained into the target"))
     jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP pass, whatever the training precision"))
-    memory_saving: bool = field(
-        default=False, metadata=spec(help="JVP under no_grad, then a separate forward with grad (less memory, one more forward)"))
-    jvp_only_r_neq_t: bool = field(
-        default=False, metadata=spec(help="memory_saving only: run the JVP on the r != t rows only (needs no dropout)"))
-
-    def __post_init__(self) -> None:
-        if self.jvp_only_r_neq_t and not self.memory_saving:
-            raise ValueError("jvp_only_r_neq_t: true needs memory_saving: true")
+    jvp_mode: JvpMode = field(
+        default="auto", metadata=spec(help="forward-mode route: auto (picked from the network and its wrappers), "
+                                           "single_pass (dual tensors with the primal) or two_pass (JVP without "
+                                           "graph, then the forward); exact in every mode"))
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -134,7 +122,7 @@ def adaptive_weight(sq_norm: torch.Tensor, p: float, c: float) -> torch.Tensor:
 
 def guided_velocity(v: torch.Tensor, u_cond: torch.Tensor, u_null: torch.Tensor, w: float,
                     kappa: float) -> torch.Tensor:
-    """``v~ = w v + kappa u(z,t,t|c) + (1 - w - kappa) u(z,t,t|null)`` (SPEC §2 [19, 21])."""
+    """``v~ = w v + kappa u(z,t,t|c) + (1 - w - kappa) u(z,t,t|null)`` (MeanFlow eqs. [19, 21])."""
     return w * v + kappa * u_cond + (1.0 - w - kappa) * u_null
 
 
@@ -144,21 +132,6 @@ def guidance_rows(t: torch.Tensor, dropped: torch.Tensor | None, cfg: MeanFlowGu
     if dropped is not None:
         rows = rows & ~dropped.to(t.device)
     return rows
-
-
-def _has_active_dropout(net: nn.Module) -> bool:
-    return net.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
-
-
-def _uses_ddp_sink(net: nn.Module) -> bool:
-    """DDP inserts ``_DDPSink`` (no forward-AD rule) with find_unused_parameters / static_graph."""
-    return isinstance(net, nn.parallel.DistributedDataParallel) and bool(
-        net.find_unused_parameters or getattr(net, "static_graph", False))
-
-
-def _jvp_input(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 activations go into the JVP as fp32 (float64 stays float64 for tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # ----------------------------------------------------------------------------- the method
@@ -187,7 +160,7 @@ class MeanFlow(Method):
         rows, real = rows_or_placeholder(guidance_rows(t, dropped, g).nonzero().squeeze(1), is_sharded(net))  # (K,)
         if rows is None:
             return v
-        zk, tk = _jvp_input(z.index_select(0, rows)), t.index_select(0, rows)
+        zk, tk = as_jvp_input(z.index_select(0, rows)), t.index_select(0, rows)
         both_cond = cond_cat(cond_index(cond, rows), cond_index(null_cond, rows))
         with torch.no_grad(), jvp_precision(z.device, self.config.jvp_dtype):
             # One batched call for both branches, on the bare module (no graph, no DDP hooks).
@@ -200,40 +173,22 @@ class MeanFlow(Method):
                      v_tan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``u = net(z, t, r, c)`` (with grad) and ``u_tgt = v - (t - r) du/dt`` (detached).
 
-        ``du/dt`` is the JVP along ``(dz, dr, dt) = (v_tan, 0, 1)``.
+        ``du/dt`` is the JVP along ``(dz, dr, dt) = (v_tan, 0, 1)``, computed on the leading rows with
+        ``r != t`` only (``sample_t_r`` puts them first; any other order is sorted here and restored).
         """
-        cfg = self.config
-        dt = torch.ones_like(t)
-        # FSDP's post-backward hook (a custom autograd Function) has no forward-AD rule, so a sharded network
-        # takes the memory-saving route: the JVP without graph, then the forward with graph (same gradients)
-        if not (cfg.memory_saving or _uses_ddp_sink(net) or is_sharded(net)):
-            with jvp_precision(z.device, cfg.jvp_dtype):
-                u, dudt = dual_jvp(net, (_jvp_input(z), t, r, cond), (v_tan, dt, None, None))
-        else:
-            bare = unwrap(net)
-            if cfg.jvp_only_r_neq_t:
-                if _has_active_dropout(bare):
-                    raise UserError("method.jvp_only_r_neq_t: the network has active dropout, so the JVP "
-                                    "rows cannot reuse the training forward's masks; set it to false")
-                rows, real = rows_or_placeholder((r != t).nonzero().squeeze(1), is_sharded(net))  # (K,)
-            else:
-                rows, real = None, True
-            devices = [z.device] if z.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices, device_type=z.device.type), torch.no_grad(), \
-                    jvp_precision(z.device, cfg.jvp_dtype):
-                if not cfg.jvp_only_r_neq_t:
-                    _, dudt = dual_jvp(bare, (_jvp_input(z), t, r, cond), (v_tan, dt, None, None))
-                elif rows is not None:
-                    _, sub = dual_jvp(bare, (_jvp_input(z.index_select(0, rows)), t.index_select(0, rows),
-                                             r.index_select(0, rows), cond_index(cond, rows)),
-                                      (v_tan.index_select(0, rows), dt.index_select(0, rows), None, None))
-            # RNG restored: this forward draws the same dropout masks as the JVP pass did.
-            u = net(z, t, r, cond)
-            if cfg.jvp_only_r_neq_t:
-                dudt = torch.zeros_like(v_tan)
-                if real:
-                    dudt = dudt.index_copy(0, rows, sub.to(dudt.dtype))
+        neq = r != t  # (N,)
+        k = int(neq.sum())
+        order = None
+        if k and not bool(neq[:k].all()):  # not a prefix: move the r != t rows to the front
+            order = torch.argsort((~neq).to(torch.int8), stable=True)
+            z, t, r, v_tan = z[order], t[order], r[order], v_tan[order]
+            cond = cond_index(cond, order)
+        u, dudt = two_time_jvp(net, z, t, r, cond, v_tan, torch.ones_like(t), None, jvp_rows=k,
+                               mode=self.config.jvp_mode, dtype=self.config.jvp_dtype)
         u_tgt = v_tan - bcast(t - r, v_tan) * dudt.to(v_tan.dtype)  # MeanFlow identity [6]
+        if order is not None:
+            inverse = torch.argsort(order)
+            u, u_tgt = u[inverse], u_tgt[inverse]
         return u, u_tgt.detach()
 
     # -- loss --------------------------------------------------------------------------------
@@ -255,7 +210,7 @@ class MeanFlow(Method):
         u, u_tgt = self.u_and_target(net, z, t, r, cond_in, v_tan)
         work = torch.promote_types(u.dtype, torch.float32)  # bf16 outputs: the loss in fp32 (float64 stays)
         delta = u.to(work) - u_tgt.to(work)  # (N, C, H, W)
-        sq = delta.pow(2).flatten(1).sum(1)  # (N,) per-sample SUM of squares (SPEC §2)
+        sq = delta.pow(2).flatten(1).sum(1)  # (N,) per-sample SUM of squares (docs/methods.md, adaptive weight)
         w = adaptive_weight(sq, cfg.weight_p, cfg.weight_c)  # (N,)
         loss = (w * sq).mean()
         return LossOutput(loss, self._logs(loss, delta, w, t, r))

@@ -27,7 +27,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, qk_norm: bool, cross: bool):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, qk_norm: bool, cross: bool,
+                 dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
@@ -37,7 +38,7 @@ class DiTBlock(nn.Module):
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None,
@@ -90,8 +91,11 @@ class DiT(TwoTimeModel):
         context_dim: int = 0,
         pooled_dim: int = 0,
         cross_attention: bool = True,
+        dropout: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
@@ -112,7 +116,8 @@ class DiT(TwoTimeModel):
             text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
             context_dim=context_dim, pooled_dim=pooled_dim,
             context_width=hidden_size, use_context=use_xattn)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=use_xattn)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=use_xattn,
+                                              dropout=dropout)
                                      for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()

@@ -86,7 +86,7 @@ def _zero(layer: nn.Linear) -> nn.Linear:
 class _Stream(nn.Module):
     """The per-stream weights of a double-stream block (image or text)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, dropout: float = 0.0):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.mod = nn.Sequential(nn.SiLU(), _zero(nn.Linear(dim, 6 * dim)))
@@ -96,7 +96,7 @@ class _Stream(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
 
     def qkv_heads(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,10 +109,11 @@ class _Stream(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """Separate image/text weights, one joint attention over [text ; image] tokens (MMDiT / FLUX)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
-        self.img = _Stream(dim, num_heads, mlp_ratio, qk_norm)
-        self.txt = _Stream(dim, num_heads, mlp_ratio, qk_norm)
+        self.img = _Stream(dim, num_heads, mlp_ratio, qk_norm, dropout)
+        self.txt = _Stream(dim, num_heads, mlp_ratio, qk_norm, dropout)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rot: torch.Tensor,
                 attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +138,8 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One weight set over [text ; image]: ``x + gate * W2 [attn(qkv) ; GELU(mlp)]`` with ``[qkv ; mlp] = W1 x``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         self.num_heads, self.head_dim, self.dim = num_heads, dim // num_heads, dim
         self.hidden = int(dim * mlp_ratio)
@@ -148,6 +150,7 @@ class SingleStreamBlock(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.act = nn.GELU(approximate="tanh")
+        self.drop = nn.Dropout(dropout)  # on the MLP branch's hidden activations, as in the double blocks
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rot: torch.Tensor,
                 attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +162,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = qkv.reshape(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = apply_rope(self.q_norm(q), rot), apply_rope(self.k_norm(k), rot)
         att = sdpa(q, k, v, attn_mask).transpose(1, 2).reshape(n, length, dim)  # (N, L, D)
-        x = x + gate[:, None] * self.linear2(torch.cat([att, self.act(mlp)], dim=-1))
+        x = x + gate[:, None] * self.linear2(torch.cat([att, self.drop(self.act(mlp))], dim=-1))
         return x[:, lt:], x[:, :lt]
 
 
@@ -214,8 +217,11 @@ class MMDiT(TwoTimeModel):
         t5_encoder: str = "google/t5-v1_1-xxl",
         clip_encoder: str = "openai/clip-vit-large-patch14",
         t5_max_length: int = 256,
+        dropout: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
@@ -242,8 +248,8 @@ class MMDiT(TwoTimeModel):
             context_dim=context_dim, pooled_dim=pooled_dim,
             context_width=hidden_size, use_context=True)
         self.blocks = nn.ModuleList(
-            [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth_double)]
-            + [SingleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth_single)])
+            [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, dropout) for _ in range(depth_double)]
+            + [SingleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, dropout) for _ in range(depth_single)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
 
