@@ -208,3 +208,47 @@ def test_triton_attention_jvp_equals_math(dtype):
     tol = {torch.float32: 2e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(tan.float(), ref_tan.float(), atol=tol * 4, rtol=tol * 4)
+
+
+ARITH = {
+    "x*s": lambda y, c: y * 0.7, "s*x": lambda y, c: 0.7 * y, "x/s": lambda y, c: y / 2.0,
+    "s/x": lambda y, c: 2.0 / (y + 5), "x+s": lambda y, c: y + 1.0, "s+x": lambda y, c: 1.0 + y,
+    "x-s": lambda y, c: y - 1.0, "s-x": lambda y, c: 1.0 - y, "x*c": lambda y, c: y * c, "c*x": lambda y, c: c * y,
+    "c/x": lambda y, c: c / (y + 5), "x/c": lambda y, c: y / c, "c-x": lambda y, c: c - y,
+    "x-c": lambda y, c: y - c, "add-alpha": lambda y, c: torch.add(c, y, alpha=2.0),
+    "sub-alpha": lambda y, c: torch.sub(c, y, alpha=3.0), "rsub": lambda y, c: torch.rsub(y, c),
+    "broadcast": lambda y, c: y[:, :1] + torch.zeros(3, 4, 5, dtype=torch.float64),
+    "dual-dual": lambda y, c: (y * 2 + 1) / (y + 4) - 3 * y,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARITH))
+def test_arithmetic_with_constants_equals_pytorch_forward_ad(name):
+    """dual (+ - * /) constant: the engine's closed forms equal PyTorch's rules (which take a slow zero-tangent
+    path there), broadcasting and alpha included."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    dx = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    c = torch.randn(3, 1, 5, generator=g, dtype=torch.float64) + 3
+
+    def fn(y):
+        return ARITH[name](y, c)
+
+    out, tan = dual_jvp(fn, (x,), (dx,))
+    ref_out, ref_tan = dual_jvp(fn, (x,), (dx,), fast_linear_tangents=False)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(tan, ref_tan, atol=1e-14, rtol=1e-12)
+    assert tan.abs().max() > 1e-3
+
+
+def test_dropout_rule_is_the_identity_only_when_nothing_is_dropped():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    dx = torch.randn_like(x)
+    out, tan = dual_jvp(lambda y: F.dropout(y, 0.0, training=True), (x,), (dx,))
+    assert torch.equal(out, x) and torch.equal(tan, dx)
+    torch.manual_seed(0)
+    out, tan = dual_jvp(lambda y: F.dropout(y, 0.5, training=True), (x,), (dx,))
+    kept = out != 0
+    assert 0 < kept.sum() < x.numel()  # real dropout: one mask for primal and tangent
+    torch.testing.assert_close(tan[kept], 2 * dx[kept], atol=0, rtol=0)
+    assert (tan[~kept] == 0).all()

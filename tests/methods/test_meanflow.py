@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from selfe_cli.config import ConfigError
-from selfe_cli.errors import UserError
 from selfe_cli.methods.jvp import dual_jvp
 from selfe_cli.methods.meanflow import (
     MeanFlow,

@@ -168,6 +168,59 @@ def _gelu_rule(func, args, kwargs):  # noqa: ANN001, ANN202
     return _dual(out, tangent)  # outside no_grad: keeps the primal graph
 
 
+def _dropout_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    """F.dropout that drops nothing (p = 0, or not training) is the identity, tangent included.
+
+    PyTorch's forward-mode formula still multiplies the tangent by a mask through a decomposition (measured:
+    0.6 ms per call on an 8 x 32 x 8 x 8 tangent on 2 CPU cores); real dropout falls through to PyTorch's
+    rule, which shares its mask between primal and tangent and draws it like the plain op.
+    """
+    x, p, training, inplace = _bind(args, kwargs, ("input", "p", "training", "inplace"), (None, 0.5, True, False))
+    if (p == 0 or not training) and not inplace:
+        return x
+    return func(*args, **kwargs)
+
+
+# Binary arithmetic where only one operand is dual (a Python number, a constant tensor, or a tensor without
+# tangent on the other side): PyTorch's formulas then meet an undefined tangent as an "efficient zero tensor",
+# whose fallback path costs about 1 ms per op on 2 CPU cores whatever the size (measured: ``dual * 0.7`` on an
+# 8 x 32 x 8 x 8 tensor, 1.0 ms against 15 us plain), the largest overhead of a U-Net's JVP. The closed forms:
+_ARITH = {
+    torch.add: "add", torch.Tensor.add: "add", torch.Tensor.__add__: "add", torch.Tensor.__radd__: "add",
+    torch.sub: "sub", torch.Tensor.sub: "sub", torch.Tensor.__sub__: "sub", torch.Tensor.__rsub__: "rsub",
+    torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul", torch.Tensor.__rmul__: "mul",
+    torch.div: "div", torch.Tensor.div: "div", torch.Tensor.__truediv__: "div", torch.Tensor.__rtruediv__: "rdiv",
+}
+
+
+def _arith_rule(func, args, kwargs):  # noqa: ANN001, ANN202
+    kind = _ARITH[func]
+    alpha = kwargs.get("alpha", 1)
+    if len(args) != 2 or set(kwargs) - ({"alpha"} if kind in ("add", "sub", "rsub") else set()):
+        return func(*args, **kwargs)
+    (a, da), (b, db) = ((fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else (x, None)) for x in args)
+    if (da is None) == (db is None):  # both dual: PyTorch's rule is fast; neither: nothing to do
+        return func(*args, **kwargs)
+    out = func(a, b, **kwargs)
+    with torch.no_grad():
+        a_, b_ = (x.detach() if isinstance(x, torch.Tensor) else x for x in (a, b))
+        if kind == "add":
+            tangent = da if da is not None else db * alpha
+        elif kind == "sub":  # a - alpha b
+            tangent = da if da is not None else db * -alpha
+        elif kind == "rsub":  # b - alpha a (Tensor.__rsub__(a, b))
+            tangent = da * -alpha if da is not None else db
+        elif kind == "mul":
+            tangent = da * b_ if da is not None else a_ * db
+        elif kind == "div":  # a / b
+            tangent = da / b_ if da is not None else -(a_ / b_) / b_ * db
+        else:  # rdiv: b / a (Tensor.__rtruediv__(a, b))
+            tangent = -(b_ / a_) / a_ * da if da is not None else db / a_
+        if tangent.shape != out.shape:  # broadcasting: the tangent has the output's shape
+            tangent = tangent.expand(out.shape)
+    return _dual(out, tangent)  # outside no_grad: keeps the primal graph
+
+
 def _attention_tangent(q, k, v, dq, dk, dv, mask, is_causal, scale):  # noqa: ANN001, ANN202
     """d softmax(q k^T s + m) v = dP v + P dv, dP = P (dS - rowsum(P dS)), dS = s (dq k^T + q dk^T).
 
@@ -238,11 +291,13 @@ def _sdpa_rule(func, args, kwargs):  # noqa: ANN001, ANN202
 
 
 _RULES = {f: _linear_rule for f in _LINEAR_IN_INPUT}
+_RULES.update({f: _arith_rule for f in _ARITH})
 _RULES.update({
     F.group_norm: _group_norm_rule,
     F.layer_norm: _layer_norm_rule,
     F.silu: _silu_rule,
     F.gelu: _gelu_rule,
+    F.dropout: _dropout_rule,
     F.scaled_dot_product_attention: _sdpa_rule,
 })
 
