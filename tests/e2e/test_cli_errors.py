@@ -419,6 +419,7 @@ def test_usage_errors_are_one_line(work, monkeypatch, capsys, args, words):
 def test_help_and_recipe_errors_import_no_heavy_library(tmp_path):
     """`selfe --help` and a misspelt recipe key are answered without torch, diffusers or transformers."""
     (tmp_path / "bad.yaml").write_text("model: {name: unet}\ntrain: {lrr: 1}\n")
+    (tmp_path / "bad_meanflow.yaml").write_text("model: {name: unet}\nmethod: {name: meanflow, jvp_mode: fast}\n")
     heavy = ["torch", "diffusers", "transformers", "open_clip", "torchvision", "matplotlib", "tensorboard", "scipy"]
     script = (
         "import sys\n"
@@ -431,10 +432,23 @@ def test_help_and_recipe_errors_import_no_heavy_library(tmp_path):
         f"print('HEAVY:' + ' '.join(m for m in {heavy!r} if m in sys.modules))\n"
     )
     for args in (["--help"], ["train", "--help"], ["eval", "fid", "--help"], ["train", "bad.yaml", "--dry-run"],
-                 ["train", "bad.yaml", "--dry-run", "--set", "sample.steps=0"]):
+                 ["train", "bad.yaml", "--dry-run", "--set", "sample.steps=0"],
+                 ["train", "bad_meanflow.yaml", "--dry-run"]):
         proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, capture_output=True, text=True,
                               timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert "Traceback" not in proc.stderr, proc.stderr
         loaded = [line for line in proc.stdout.splitlines() if line.startswith("HEAVY:")]
         assert loaded == ["HEAVY:"], (args, loaded)
-    assert "train.lrr" in proc.stderr or "sample.steps" in proc.stderr
+    assert "method.jvp_mode" in proc.stderr
+
+
+def test_dry_run_names_the_jvp_route_and_refuses_an_impossible_one(work, monkeypatch, capsys):
+    """MeanFlow's --dry-run says which forward-mode route runs; single_pass under torch.compile is refused."""
+    code, out, err = run_inprocess(["train", "quickstart_meanflow", "--dry-run", "--device", "cpu"], work,
+                                   monkeypatch, capsys)
+    assert code in (0, None) and "# jvp: single_pass" in out, (code, out, err)
+    code, out, err = run_inprocess(["train", "quickstart_meanflow", "--dry-run", "--device", "cpu",
+                                    "--set", "train.compile=true"], work, monkeypatch, capsys)
+    assert "# jvp: two_pass (torch.compile" in out, out
+    assert_user_error(["train", "quickstart_meanflow", "--dry-run", "--set", "train.compile=true",
+                       "--set", "method.jvp_mode=single_pass"], work, monkeypatch, capsys, ["method.jvp_mode"])

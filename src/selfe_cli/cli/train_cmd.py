@@ -9,6 +9,12 @@ import typer
 from selfe_cli.cli.app import app
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @app.command()
 def train(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or a bundled recipe name (see `selfe recipes`).")],
@@ -33,11 +39,23 @@ def train(
     info = data_info_or_none(rec.data)
     n_params = check_model(rec, info)
     console = Console(soft_wrap=True)
+    jvp_plan = None
+    if rec.method.name == "meanflow":  # the forward-mode route training takes, and why (refused here if impossible)
+        import os
+
+        from selfe_cli.methods.meanflow import MeanFlow
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = device or ("cuda" if _cuda_available() else "cpu")
+        jvp_plan = MeanFlow(rec.method.config).describe_jvp(
+            sharded=rec.train.parallel == "fsdp" and world > 1, compiled=rec.train.compile, device=where)
     if dry_run:
         print(f"# resolved recipe: {rec.source}")
         print(dump_recipe(rec), end="")
         note = "" if info is not None else " (data not found: sizes from the recipe and the model defaults)"
         print(f"# model {rec.model.name}: {n_params / 1e6:.1f}M parameters{note}")
+        if jvp_plan is not None:
+            print(f"# jvp: {jvp_plan}")
         return
     from selfe_cli.training.run import train_recipe
 

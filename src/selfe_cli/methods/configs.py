@@ -101,10 +101,69 @@ class SelfEConfig:
             raise ValueError("shift_max_tokens must differ from shift_base_tokens")
 
 
+JvpMode = Literal["auto", "single_pass", "two_pass"]  # the forward-mode engine's routes (methods/jvp.py)
+JvpDtype = Literal["float32", "bfloat16"]  # precision of the JVP pass
+
+
+def _lognorm(mean: float, std: float) -> TimeSamplerConfig:
+    return TimeSamplerConfig(kind="logit_normal", mean=mean, std=std)
+
+
+@dataclass
+class MeanFlowGuidanceConfig:
+    """CFG trained into the target [19, 21]: ``v~ = w v + kappa u(z,t,t|c) + (1 - w - kappa) u(z,t,t|null)``.
+
+    ``w = 1, kappa = 0`` (the default) is no guidance. Effective scale ``w' = w / (1 - kappa)``.
+    """
+
+    w: float = field(default=1.0, metadata=spec(ge=0, help="weight of the conditional velocity v in the guided target"))
+    kappa: float = field(default=0.0, metadata=spec(ge=0, lt=1, help="weight of the network's own u(z,t,t|c)"))
+    t_min: float = field(default=0.0, metadata=spec(ge=0, le=1, help="guide only for t in [t_min, t_max]"))
+    t_max: float = field(default=1.0, metadata=spec(ge=0, le=1, help="guide only for t in [t_min, t_max]"))
+
+    def __post_init__(self) -> None:
+        if self.t_min > self.t_max:
+            raise ValueError(f"guidance.t_min ({self.t_min}) exceeds guidance.t_max ({self.t_max})")
+
+    @property
+    def active(self) -> bool:
+        return self.w != 1.0 or self.kappa != 0.0
+
+    @property
+    def effective_scale(self) -> float:
+        return self.w / (1.0 - self.kappa)
+
+
+@dataclass
+class MeanFlowConfig:
+    """The recipe's ``method:`` section. Defaults: the paper's ImageNet-256 configuration."""
+
+    time_sampler_t: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="distribution of the first time draw"))
+    time_sampler_r: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="distribution of the second time draw"))
+    ratio_r_neq_t: float = field(
+        default=0.25, metadata=spec(ge=0, le=1, help="fraction of the batch with r != t (others: r = t, flow matching)"))
+    mask_before_minmax: bool = field(
+        default=False, metadata=spec(help="apply the r = t mask before t = max, r = min (the authors' improved CIFAR config)"))
+    weight_p: float = field(default=1.0, metadata=spec(ge=0, help="adaptive weight power p (0: plain squared error)"))
+    weight_c: float = field(
+        default=1e-3, metadata=spec(gt=0, help="adaptive weight constant c (paper text 1e-3; official JAX code 0.01)"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
+    guidance: MeanFlowGuidanceConfig = field(
+        default_factory=MeanFlowGuidanceConfig, metadata=spec(help="CFG trained into the target"))
+    jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP pass, whatever the training precision"))
+    jvp_mode: JvpMode = field(
+        default="auto", metadata=spec(help="forward-mode route: auto (picked from the network and its wrappers), "
+                                           "single_pass (dual tensors with the primal) or two_pass (JVP without "
+                                           "graph, then the forward); exact in every mode"))
+
+
+
 # method name -> "module:Class" of its config (imported on first use)
 METHOD_CONFIGS: dict[str, str] = {
     "flow_matching": "selfe_cli.methods.configs:FlowMatchingConfig",
-    "meanflow": "selfe_cli.methods.meanflow:MeanFlowConfig",  # imports torch until it moves here
+    "meanflow": "selfe_cli.methods.configs:MeanFlowConfig",
     "selfe": "selfe_cli.methods.configs:SelfEConfig",
 }
 
@@ -115,4 +174,5 @@ def method_config_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["METHOD_CONFIGS", "FlowMatchingConfig", "SelfEConfig", "TimeSamplerConfig", "method_config_class"]
+__all__ = ["METHOD_CONFIGS", "FlowMatchingConfig", "JvpDtype", "JvpMode", "MeanFlowConfig", "MeanFlowGuidanceConfig",
+           "SelfEConfig", "TimeSamplerConfig", "method_config_class"]

@@ -48,6 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from selfe_cli.methods.base import is_sharded, unwrap
+from selfe_cli.methods.configs import JvpDtype, JvpMode
 
 # Ops that are linear in their input for fixed (weight, bias): tangent = op(x_t, weight, no bias).
 # All take (input, weight, bias, *rest) positionally.
@@ -58,8 +59,6 @@ _LINEAR_IN_INPUT = {
 _FAST_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                   SDPBackend.MATH]
 
-JvpMode = Literal["auto", "single_pass", "two_pass"]
-JvpDtype = Literal["float32", "bfloat16"]
 
 
 def _tangent_of(x: Any) -> torch.Tensor | None:
@@ -398,26 +397,24 @@ class JvpPlan:
         return f"{self.mode} ({self.reason}; attention JVP: {self.attention})"
 
 
-def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device | str | None = None) -> JvpPlan:
-    """Pick the forward-mode route for ``net`` (DDP / FSDP / compiled wrappers included).
+def plan_for(requested: JvpMode = "auto", *, sharded: bool = False, ddp_sink: bool = False,
+             compiled: bool = False, device: torch.device | str = "cpu") -> JvpPlan:
+    """The forward-mode route from the facts that decide it (``plan_jvp`` reads them off a network).
 
     ``single_pass`` wherever the dual tensors can go through the network as passed; ``two_pass`` where a
     wrapper inserts an autograd Function without a forward-AD rule (FSDP2, DDP with
-    ``find_unused_parameters`` or ``static_graph``) or where the network is compiled (Dynamo does not
-    trace forward-mode dual tensors: the compiled module runs the forward with graph and its backward,
-    the JVP runs eagerly on the bare module).
+    ``find_unused_parameters`` or ``static_graph``) and for ``torch.compile``d networks: the compiled module
+    runs the forward with graph and its backward, the JVP pass runs eagerly on the bare module. Dropout
+    decides nothing: both routes are exact with it.
     """
-    if device is None:
-        p = next(unwrap(net).parameters(), None)
-        device = p.device if p is not None else "cpu"
     attention = attention_jvp_backend(device)
     blocker = None
-    if is_sharded(net):
+    if sharded:
         blocker = "FSDP2's post-backward hooks have no forward-AD rule"
-    elif _uses_ddp_sink(net):
+    elif ddp_sink:
         blocker = "DDP with find_unused_parameters / static_graph inserts a Function without a forward-AD rule"
-    elif _is_compiled(net):
-        blocker = "torch.compile does not trace forward-mode dual tensors: the JVP runs eagerly"
+    elif compiled:
+        blocker = "torch.compile: the forward with graph and the backward are compiled, the JVP pass runs eagerly"
     if requested == "single_pass":
         if blocker is not None:
             from selfe_cli.errors import UserError
@@ -427,7 +424,16 @@ def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device |
         return JvpPlan("two_pass", "requested", attention)
     if blocker is not None:
         return JvpPlan("two_pass", blocker, attention)
-    return JvpPlan("single_pass", "dual tensors through the network as passed", attention)
+    return JvpPlan("single_pass", "dual tensors through the network as passed, with the primal", attention)
+
+
+def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device | str | None = None) -> JvpPlan:
+    """``plan_for`` with the facts of ``net`` (DDP / FSDP / compiled wrappers included)."""
+    if device is None:
+        p = next(unwrap(net).parameters(), None)
+        device = p.device if p is not None else "cpu"
+    return plan_for(requested, sharded=is_sharded(net), ddp_sink=_uses_ddp_sink(net), compiled=_is_compiled(net),
+                    device=device)
 
 
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -506,4 +512,4 @@ def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tens
 
 
 __all__ = ["JvpDtype", "JvpMode", "JvpPlan", "TangentOps", "as_jvp_input", "attention_jvp_backend", "dual_jvp",
-           "has_active_dropout", "jvp_precision", "plan_jvp", "two_time_jvp"]
+           "has_active_dropout", "jvp_precision", "plan_for", "plan_jvp", "two_time_jvp"]

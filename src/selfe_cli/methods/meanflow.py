@@ -17,72 +17,16 @@ single-process gradient of the global batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfe_cli.config import spec
 from selfe_cli.methods.base import LossOutput, Method, drop_condition, is_sharded, rows_or_placeholder, unwrap
-from selfe_cli.methods.jvp import JvpDtype, JvpMode, as_jvp_input, jvp_precision, two_time_jvp
-from selfe_cli.methods.paths import TimeSamplerConfig, bcast, interpolate, sample_time, velocity
+from selfe_cli.methods.configs import MeanFlowConfig, MeanFlowGuidanceConfig
+from selfe_cli.methods.jvp import as_jvp_input, jvp_precision, two_time_jvp
+from selfe_cli.methods.paths import bcast, interpolate, sample_time, velocity
 from selfe_cli.models.conditioning import Cond, cond_cat, cond_index
-
-
-def _lognorm(mean: float, std: float) -> TimeSamplerConfig:
-    return TimeSamplerConfig(kind="logit_normal", mean=mean, std=std)
-
-
-@dataclass
-class MeanFlowGuidanceConfig:
-    """CFG trained into the target [19, 21]: ``v~ = w v + kappa u(z,t,t|c) + (1 - w - kappa) u(z,t,t|null)``.
-
-    ``w = 1, kappa = 0`` (the default) is no guidance. Effective scale ``w' = w / (1 - kappa)``.
-    """
-
-    w: float = field(default=1.0, metadata=spec(ge=0, help="weight of the conditional velocity v in the guided target"))
-    kappa: float = field(default=0.0, metadata=spec(ge=0, lt=1, help="weight of the network's own u(z,t,t|c)"))
-    t_min: float = field(default=0.0, metadata=spec(ge=0, le=1, help="guide only for t in [t_min, t_max]"))
-    t_max: float = field(default=1.0, metadata=spec(ge=0, le=1, help="guide only for t in [t_min, t_max]"))
-
-    def __post_init__(self) -> None:
-        if self.t_min > self.t_max:
-            raise ValueError(f"guidance.t_min ({self.t_min}) exceeds guidance.t_max ({self.t_max})")
-
-    @property
-    def active(self) -> bool:
-        return self.w != 1.0 or self.kappa != 0.0
-
-    @property
-    def effective_scale(self) -> float:
-        return self.w / (1.0 - self.kappa)
-
-
-@dataclass
-class MeanFlowConfig:
-    """The recipe's ``method:`` section. Defaults: the paper's ImageNet-256 configuration."""
-
-    time_sampler_t: TimeSamplerConfig = field(
-        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="distribution of the first time draw"))
-    time_sampler_r: TimeSamplerConfig = field(
-        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="distribution of the second time draw"))
-    ratio_r_neq_t: float = field(
-        default=0.25, metadata=spec(ge=0, le=1, help="fraction of the batch with r != t (others: r = t, flow matching)"))
-    mask_before_minmax: bool = field(
-        default=False, metadata=spec(help="apply the r = t mask before t = max, r = min (the authors' improved CIFAR config)"))
-    weight_p: float = field(default=1.0, metadata=spec(ge=0, help="adaptive weight power p (0: plain squared error)"))
-    weight_c: float = field(
-        default=1e-3, metadata=spec(gt=0, help="adaptive weight constant c (paper text 1e-3; official JAX code 0.01)"))
-    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
-    guidance: MeanFlowGuidanceConfig = field(
-        default_factory=MeanFlowGuidanceConfig, metadata=spec(help="CFG trained into the target"))
-    jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP pass, whatever the training precision"))
-    jvp_mode: JvpMode = field(
-        default="auto", metadata=spec(help="forward-mode route: auto (picked from the network and its wrappers), "
-                                           "single_pass (dual tensors with the primal) or two_pass (JVP without "
-                                           "graph, then the forward); exact in every mode"))
-
 
 # ----------------------------------------------------------------------------- pure math
 
@@ -144,6 +88,12 @@ class MeanFlow(Method):
 
     def __init__(self, config: MeanFlowConfig | None = None):
         self.config = config or MeanFlowConfig()
+
+    def describe_jvp(self, *, sharded: bool, compiled: bool, device: str) -> str:
+        """The forward-mode route training will take (``selfe train --dry-run`` and the run log print it)."""
+        from selfe_cli.methods.jvp import plan_for
+
+        return plan_for(self.config.jvp_mode, sharded=sharded, compiled=compiled, device=device).describe()
 
     def sampler_defaults(self, net: nn.Module | None = None) -> dict:
         # Algorithm 2: each step lands at the next grid time, x_r = x_t - (t - r) u(x_t, r, t).

@@ -123,6 +123,11 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
         if hasattr(conditioner, "to"):  # frozen text encoders live on the training device
             conditioner.to(dist.device)
         method = build_method(recipe.method.name, recipe.method.config)
+        if hasattr(method, "describe_jvp"):  # refuses an impossible jvp_mode before any step runs
+            plan = method.describe_jvp(sharded=recipe.train.parallel == "fsdp" and dist.enabled,
+                                       compiled=recipe.train.compile, device=str(dist.device))
+            if dist.is_main and progress:
+                print(f"jvp: {plan}")
         vae = None
         if info.is_latent and info.vae:
             from selfe_cli.data.latents import load_vae
