@@ -164,13 +164,16 @@ def speed_sections(rec: dict[str, Any]) -> list[Section]:
         if "error" in r:
             rows.append([r["model"], "", r["method"], "error", "", "", "", "", r["error"][:60]])
             continue
-        mem = f"{r['peak_mem_bytes'] / 2**30:.2f} GiB" if r["peak_mem_bytes"] else "n/a"
+        mem = "n/a"
+        if r["peak_mem_bytes"]:
+            mem = f"{r['peak_mem_bytes'] / 2**20:.0f} MiB ({r['peak_mem_ratio']:.2f}x)"
         rows.append([r["model"], f"{r['params'] / 1e6:.2f}M", r["method"] + (" (compiled)" if r["compile"] else ""),
                      f"{r['median_s'] * 1e3:.1f}", f"{r['ratio']:.2f}x", f"{r['flops_per_step'] / 1e9:.3g}",
                      f"{r['achieved_tflops']:.3g}", _num(r["mfu"], ".1%"), mem])
     first = rec["train_steps"][0] if rec["train_steps"] else {}
     out.append(Section(f"training step vs flow matching (batch {first.get('batch_size')}, {first.get('precision')})",
-                       ["model", "params", "method", "ms/step", "ratio", "GFLOP/step", "TFLOP/s", "MFU", "peak mem"],
+                       ["model", "params", "method", "ms/step", "ratio", "GFLOP/step", "TFLOP/s", "MFU",
+                        "step peak mem"],
                        rows))
     out.append(Section("sampling at 1 NFE (one step, no CFG)", ["model", "params", "batch", "images/s"],
                        [[s["model"], f"{s['params'] / 1e6:.2f}M", str(s["batch_size"]), f"{s['images_per_second']:.0f}"]
@@ -196,9 +199,11 @@ def run_speed(s: Suite, device: torch.device, log) -> dict[str, Any]:
         variants = [False, True] if s.compile_variants else [False]
         for compiled in variants:
             log(f"speed: training steps of {model}{' (torch.compile)' if compiled else ''}")
+            # compiled: flow matching and MeanFlow's default route only (compilation takes minutes per network)
+            methods = [m for m in s.train_methods if not compiled or m in ("flow_matching", "meanflow")]
             try:
                 rec["train_steps"] += speed.train_step_ratios(
-                    model, kwargs, list(s.train_methods), batch_size=s.train_batch, rounds=s.train_rounds, warmup=2,
+                    model, kwargs, methods, batch_size=s.train_batch, rounds=s.train_rounds, warmup=2,
                     device=device, precision=s.precision, compile=compiled)
             except Exception as err:  # noqa: BLE001 - one failing configuration must not lose the others
                 rec["train_steps"].append({"model": model, "method": "all", "compile": compiled,

@@ -8,8 +8,14 @@ with ``torch.utils.flop_counter`` (matmuls and convolutions, forward-mode tangen
 the achieved FLOP/s and, where the device's peak is known, the model FLOP utilisation (MFU). CPU: eager
 fp32. GPU: bf16 autocast (the MeanFlow JVP stays in its ``jvp_dtype``), optionally ``torch.compile``.
 
-Reference (SPEC §2): the official PyTorch MeanFlow port costs 1.79-1.86x flow matching per step on a
-2-core CPU (eager fp32, batch 32, 0.56M-2.2M-parameter U-Nets); the paper's JAX code 1.16x (B/4, TPU).
+Peak memory of a training step: on CUDA ``torch.cuda.max_memory_allocated`` around the warm-up steps; on
+the CPU, where PyTorch keeps no allocator statistics, each (model, method) runs one step in a fresh process
+and the growth of its resident set over the state before the step (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``) is the step's peak.
+
+Reference (docs/benchmarks.md): the official PyTorch MeanFlow port costs 1.79-2.52x flow matching per step
+on a 2-core CPU (eager fp32, batch 32, small U-Nets); the paper's JAX code 1.16x (B/4, TPU); with 25% of
+the rows r != t the floor is about 1.08x.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from selfe_cli.models.registry import build_model, count_parameters
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
 # method specs: "name" or "name:key=value+key=value" (values parsed as YAML)
-TRAIN_METHODS = ("flow_matching", "meanflow", "meanflow:memory_saving=true+jvp_only_r_neq_t=true", "selfe")
+TRAIN_METHODS = ("flow_matching", "meanflow", "meanflow:jvp_mode=two_pass", "selfe")
 
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """``"meanflow:memory_saving=true+weight_p=0.75"`` -> (``"meanflow"``, overrides)."""
+    """``"meanflow:jvp_mode=two_pass+weight_p=0.75"`` -> (``"meanflow"``, overrides)."""
     import yaml
 
     name, _, opts = text.partition(":")
@@ -90,9 +96,60 @@ def count_step_flops(method: Any, net: torch.nn.Module, ema: torch.nn.Module, x0
     return int(counter.get_total_flops())
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _cpu_peak_worker(model: str, kwargs: dict[str, Any], spec: str, batch_size: int, seed: int, queue: Any) -> None:
+    """In a fresh process: build everything, reset the high-water mark, run one training step, report."""
+    try:
+        torch.manual_seed(seed)
+        net = build_model(model, **kwargs).train()
+        x0 = torch.randn(batch_size, net.in_channels, net.sample_size, net.sample_size,
+                         generator=torch.Generator().manual_seed(seed))
+        cond, null = _conditions(net, batch_size, torch.device("cpu"))
+        name, overrides = parse_spec(spec)
+        method = get_method(name, overrides)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-5, fused=True)
+        with open("/proc/self/clear_refs", "w") as fh:  # VmHWM := VmRSS
+            fh.write("5")
+        before = _rss_kib("VmRSS")
+        torch.manual_seed(seed)
+        out = method.loss(net, x0, cond, null_cond=null, step=1, total_steps=2, ema_net=ema)
+        out.loss.backward()
+        opt.step()
+        peak = _rss_kib("VmHWM")
+        queue.put({"ok": True, "step_peak_bytes": (peak - before) * 1024, "rss_before_bytes": before * 1024})
+    except Exception as err:  # noqa: BLE001 - reported to the parent
+        queue.put({"ok": False, "error": f"{type(err).__name__}: {err}"})
+
+
+def cpu_step_peak_memory(model: str, kwargs: dict[str, Any], spec: str, *, batch_size: int, seed: int = 0) -> int | None:
+    """Peak resident-memory growth of one CPU training step, measured in a fresh process (bytes; None off Linux)."""
+    import multiprocessing as mp
+    import os
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_cpu_peak_worker, args=(model, kwargs, spec, batch_size, seed, queue))
+    proc.start()
+    result = queue.get(timeout=1800)
+    proc.join()
+    if not result["ok"]:
+        raise RuntimeError(f"peak-memory process for {model} / {spec}: {result['error']}")
+    return int(result["step_peak_bytes"])
+
+
 def train_step_ratios(model: str, kwargs: dict[str, Any], methods: list[str], *, batch_size: int, rounds: int,
                       warmup: int, device: torch.device, precision: str = "fp32", compile: bool = False,
-                      seed: int = 0) -> list[dict[str, Any]]:
+                      seed: int = 0, memory: bool = True) -> list[dict[str, Any]]:
     """One row per method: median step time, ratio to the first method, FLOPs, achieved TFLOP/s, MFU."""
     torch.manual_seed(seed)
     base = build_model(model, **kwargs).to(device)
@@ -126,16 +183,20 @@ def train_step_ratios(model: str, kwargs: dict[str, Any], methods: list[str], *,
         return time.perf_counter() - start
 
     for s in setups:  # warm-up (allocator, kernels, compilation) and peak memory, one method at a time
-        if device.type == "cuda":
+        if device.type == "cuda":  # the step's own peak: growth over what is allocated before it
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         for i in range(warmup):
             step(s, i)
         if device.type == "cuda":
-            s["peak_mem"] = torch.cuda.max_memory_allocated(device)
+            s["peak_mem"] = torch.cuda.max_memory_allocated(device) - before
     for i in range(rounds):  # interleaved timing
         for s in setups:
             s["times"].append(step(s, warmup + i))
+    if device.type == "cpu" and memory:
+        for s in setups:  # after the timing, one fresh process each: no allocator state carried over
+            s["peak_mem"] = cpu_step_peak_memory(model, kwargs, s["spec"], batch_size=batch_size, seed=seed)
 
     rows = []
     base_time, base_mem = statistics.median(setups[0]["times"]), setups[0]["peak_mem"]
@@ -222,5 +283,5 @@ def frechet_timing(*, dim: int = 2048, with_scipy: bool = True) -> dict[str, Any
     return out
 
 
-__all__ = ["TRAIN_METHODS", "frechet_timing", "inception_throughput", "parse_spec", "peak_tflops",
+__all__ = ["TRAIN_METHODS", "cpu_step_peak_memory", "frechet_timing", "inception_throughput", "parse_spec", "peak_tflops",
            "sampling_throughput", "scipy_frechet", "train_step_ratios"]

@@ -97,11 +97,37 @@ def test_the_suite_runs_end_to_end_and_writes_its_records(tmp_path):
     assert all(0.0 <= shapes[m]["steps"][k]["overall"] <= 1.0 for m in shapes for k in ("1", "2"))
     sp = record["parts"]["speed"]
     ratios = {r["method"]: r["ratio"] for r in sp["train_steps"]}
-    assert ratios["flow_matching"] == 1.0 and set(ratios) == {"flow_matching", "meanflow",
-                                                              "meanflow:memory_saving=true+jvp_only_r_neq_t=true", "selfe"}
+    assert ratios["flow_matching"] == 1.0 and set(ratios) == {"flow_matching", "meanflow", "meanflow:jvp_mode=two_pass",
+                                                              "selfe"}
     flops = {r["method"]: r["flops_per_step"] for r in sp["train_steps"]}
     # the JVP and Self-E's extra passes cost FLOPs that flow matching does not spend
     assert 0 < flops["flow_matching"] < min(flops["meanflow"], flops["selfe"])
     assert sp["frechet"]["relative_difference"] < 1e-6 and sp["inception"]["images_per_second"] > 0
     md = out.with_suffix(".md").read_text()
     assert "training step vs flow matching" in md and "shapes GenEval overall" in md and "Command: `" in md
+
+
+def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
+    """The prepared GPU script (benchmarks/gpu_check.py) in --dry-run: CPU, tiny networks, every part once."""
+    from benchmarks import gpu_check
+
+    record = gpu_check.main(["--dry-run", "--no-tests", "--out", str(tmp_path)])
+    rows = record["train_steps"]
+    assert {r["model"] for r in rows} == set(gpu_check.DRY_MODELS)
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    assert {r["method"] for r in rows} == set(gpu_check.METHODS)
+    assert all(r["ratio"] > 0 and r["flops_per_step"] > 0 for r in rows)
+    assert len(record["sampling"]) == 2 and record["inception"]["images_per_second"] > 0
+    saved = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert saved["dry_run"] is True and len(saved["train_steps"]) == len(rows)
+    assert "| DiT-tiny/2 | meanflow |" in (tmp_path / "gpu-check.md").read_text()
+
+
+def test_cpu_step_peak_memory_is_measured_in_a_fresh_process():
+    from benchmarks import speed
+
+    kwargs = {"sample_size": 8, "in_channels": 3, "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
+              "attn_resolutions": [4], "condition": "class", "num_classes": 10}
+    small = speed.cpu_step_peak_memory("unet", kwargs, "flow_matching", batch_size=2)
+    big = speed.cpu_step_peak_memory("unet", {**kwargs, "sample_size": 64}, "flow_matching", batch_size=16)
+    assert 0 <= small < big  # 512x the pixels: the step's activations must show
