@@ -3,7 +3,9 @@
 For every network family (U-Net, DiT, MMDiT) with active dropout, both modes of ``two_time_jvp`` must give
 ``u`` and ``du`` equal to ``torch.func.jvp`` of the same rows with the same dropout masks (relative 1e-10),
 zero ``du`` on the rows that were not asked for, and the primal's gradients of an ordinary forward.
-The reference draws its masks in the order the engine promises: the tangent rows first, then the others.
+The reference draws its masks in the order each mode promises: ``single_pass`` as one forward of the whole
+batch (its dual pass covers every row, the tangent zero past the asked rows), ``two_pass`` the tangent rows
+first, then the others.
 """
 
 from __future__ import annotations
@@ -94,7 +96,13 @@ def test_engine_equals_torch_func_jvp_with_dropout(kind, mode):
     x, t, r, cond, dx, dt = _inputs()
     k = 3
     torch.manual_seed(11)
-    u_ref, du_ref = _reference(net, x, t, r, cond, dx, dt, k, functorch=kind != "unet")
+    if mode == "single_pass":  # one dual pass over every row (masks drawn as by one forward), tangent zero past k
+        keep = (torch.arange(5) < k).double()
+        dx0, dt0 = dx * keep.view(-1, 1, 1, 1), dt * keep
+        u_ref, du_ref = _reference(net, x, t, r, cond, dx0, dt0, 5, functorch=kind != "unet")
+        du_ref = du_ref[:k]
+    else:  # the JVP of the first k rows, then the forward of the rest
+        u_ref, du_ref = _reference(net, x, t, r, cond, dx, dt, k, functorch=kind != "unet")
     torch.manual_seed(11)
     u, du = two_time_jvp(net, x, t, r, cond, dx, dt, None, jvp_rows=k, mode=mode)
     assert du_ref.abs().max() > 1e-3  # a real derivative

@@ -38,6 +38,10 @@ class TwoTimeModel(ModelMixin, ConfigMixin):
     cond_kind: str = "none"
     in_channels: int
     sample_size: int
+    # Every conv / linear / norm / activation / attention input has the batch as its leading dimension and no
+    # layer mixes batch rows: the JVP engine may then compute tangents on a subset of rows in one pass
+    # (methods/jvp.py; tests/methods/test_jvp_engine.py checks every network family against torch.func.jvp).
+    batch_major_jvp: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
