@@ -226,7 +226,7 @@ ARITH = {
     "x-c": lambda y, c: y - c, "add-alpha": lambda y, c: torch.add(c, y, alpha=2.0),
     "sub-alpha": lambda y, c: torch.sub(c, y, alpha=3.0), "rsub": lambda y, c: torch.rsub(y, c),
     "broadcast": lambda y, c: y[:, :1] + torch.zeros(3, 4, 5, dtype=torch.float64),
-    "dual-dual": lambda y, c: (y * 2 + 1) / (y + 4) - 3 * y,
+    "dual-dual": lambda y, c: (y * 2 + 1) / (y + 4) - 3 * y, "dual*dual": lambda y, c: y * y[:, :1] * (1 + y),
 }
 
 
