@@ -39,6 +39,9 @@ def encode_latents(
     storage_dtype: str = typer.Option("float16", "--storage-dtype", help="dtype of the stored latents"),
     captions: str = typer.Option("auto", "--captions", help="auto, metadata, sidecar or none (class labels)"),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="DataLoader workers decoding images"),
+    max_bad_fraction: float = typer.Option(0.01, "--max-bad-fraction", min=0.0, max=1.0,
+                                           help="share of unreadable images skipped (counted and named) "
+                                                "before it is an error, as data.max_bad_fraction"),
 ) -> None:
     """Encode SOURCE_DIR once with a VAE into OUT_DIR (resumable); train on it with data.name: latents."""
     from selfe_cli.cli.checks import output_dir
@@ -63,7 +66,7 @@ def encode_latents(
     from selfe_cli.data.folders import ImageFolder
     from selfe_cli.data.latents import DTYPES, encode_to_latents, load_vae
 
-    dataset = ImageFolder(source_dir, resolution, hflip=False, captions=captions)
+    dataset = ImageFolder(source_dir, resolution, hflip=False, captions=captions, max_bad_fraction=max_bad_fraction)
     model = load_vae(vae, device=dev, dtype=DTYPES[vae_dtype])
     console = Console(stderr=True)
     info = dataset.info
