@@ -196,6 +196,11 @@ def test_plan_picks_two_pass_for_compiled_networks_and_refuses_impossible_reques
     assert plan_jvp(compiled, "two_pass").reason == "requested"
     with pytest.raises(UserError, match="jvp_mode"):
         plan_jvp(compiled, "single_pass")
+    # bf16 training with a float32 JVP: the forward with graph stays in bf16 (two_pass); a bf16 JVP: one pass
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plan_jvp(net, dtype="float32").mode == "two_pass"
+        assert plan_jvp(net, dtype="bfloat16").mode == "single_pass"
+        assert plan_jvp(net, "single_pass", dtype="float32").mode == "single_pass"  # asked for: all in float32
 
 
 @pytest.mark.gpu

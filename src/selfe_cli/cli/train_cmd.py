@@ -48,7 +48,8 @@ def train(
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = device or ("cuda" if _cuda_available() else "cpu")
         jvp_plan = MeanFlow(rec.method.config).describe_jvp(
-            sharded=rec.train.parallel == "fsdp" and world > 1, compiled=rec.train.compile, device=where)
+            sharded=rec.train.parallel == "fsdp" and world > 1, compiled=rec.train.compile, device=where,
+            precision=rec.train.precision)
     if dry_run:
         print(f"# resolved recipe: {rec.source}")
         print(dump_recipe(rec), end="")

@@ -496,14 +496,16 @@ class JvpPlan:
 
 
 def plan_for(requested: JvpMode = "auto", *, sharded: bool = False, ddp_sink: bool = False,
-             compiled: bool = False, device: torch.device | str = "cpu") -> JvpPlan:
+             compiled: bool = False, device: torch.device | str = "cpu", mixed_precision: bool = False) -> JvpPlan:
     """The forward-mode route from the facts that decide it (``plan_jvp`` reads them off a network).
 
     ``single_pass`` wherever the dual tensors can go through the network as passed; ``two_pass`` where a
     wrapper inserts an autograd Function without a forward-AD rule (FSDP2, DDP with
     ``find_unused_parameters`` or ``static_graph``) and for ``torch.compile``d networks: the compiled module
     runs the forward with graph and its backward, the JVP pass runs eagerly on the bare module. Dropout
-    decides nothing: both routes are exact with it.
+    decides nothing: both routes are exact with it. ``mixed_precision`` (bf16 autocast training with a
+    float32 JVP): ``auto`` takes ``two_pass`` too, since one dual pass runs primal and tangent in one
+    precision and would lift the whole forward with graph to float32.
     """
     attention = attention_jvp_backend(device)
     blocker = None
@@ -522,16 +524,24 @@ def plan_for(requested: JvpMode = "auto", *, sharded: bool = False, ddp_sink: bo
         return JvpPlan("two_pass", "requested", attention)
     if blocker is not None:
         return JvpPlan("two_pass", blocker, attention)
+    if mixed_precision:
+        return JvpPlan("two_pass", "bf16 training with jvp_dtype float32: the forward with graph stays in bf16, "
+                                   "the JVP rows run in float32", attention)
     return JvpPlan("single_pass", "dual tensors through the network as passed, with the primal", attention)
 
 
-def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device | str | None = None) -> JvpPlan:
-    """``plan_for`` with the facts of ``net`` (DDP / FSDP / compiled wrappers included)."""
+def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device | str | None = None,
+             dtype: JvpDtype = "float32") -> JvpPlan:
+    """``plan_for`` with the facts of ``net`` (DDP / FSDP / compiled wrappers included) and of the running
+    autocast."""
     if device is None:
         p = next(unwrap(net).parameters(), None)
         device = p.device if p is not None else "cpu"
+    device_type = torch.device(device).type
+    mixed = dtype == "float32" and torch.is_autocast_enabled(device_type) \
+        and torch.get_autocast_dtype(device_type) != torch.float32
     return plan_for(requested, sharded=is_sharded(net), ddp_sink=_uses_ddp_sink(net), compiled=_is_compiled(net),
-                    device=device)
+                    device=device, mixed_precision=mixed)
 
 
 def bcast_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -570,7 +580,7 @@ def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tens
     k = n if jvp_rows is None else int(jvp_rows)
     if not 0 <= k <= n:
         raise ValueError(f"jvp_rows must be in [0, {n}], got {k}")
-    plan = plan_jvp(net, mode, x.device)
+    plan = plan_jvp(net, mode, x.device, dtype)
     sharded = is_sharded(net)
     head, tail = slice(0, k), slice(k, n)
 

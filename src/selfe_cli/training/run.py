@@ -125,7 +125,8 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
         method = build_method(recipe.method.name, recipe.method.config)
         if hasattr(method, "describe_jvp"):  # refuses an impossible jvp_mode before any step runs
             plan = method.describe_jvp(sharded=recipe.train.parallel == "fsdp" and dist.enabled,
-                                       compiled=recipe.train.compile, device=str(dist.device))
+                                       compiled=recipe.train.compile, device=str(dist.device),
+                                       precision=recipe.train.precision)
             if dist.is_main and progress:
                 print(f"jvp: {plan}")
         vae = None
