@@ -131,3 +131,14 @@ def test_cpu_step_peak_memory_is_measured_in_a_fresh_process():
     small = speed.cpu_step_peak_memory("unet", kwargs, "flow_matching", batch_size=2)
     big = speed.cpu_step_peak_memory("unet", {**kwargs, "sample_size": 64}, "flow_matching", batch_size=16)
     assert 0 <= small < big  # 512x the pixels: the step's activations must show
+
+
+def test_jvp_history_loads_a_revision_engine_beside_the_current_one(tmp_path):
+    """benchmarks.jvp_history: an earlier revision's engine (here HEAD's) runs interleaved with the current one."""
+    from benchmarks import jvp_history
+
+    record = jvp_history.main(["--rev", "HEAD", "--models", "DiT-tiny/2", "--rounds", "1", "--batch-size", "4",
+                               "--specs", "flow_matching,old:meanflow,meanflow", "--out", str(tmp_path / "h.json")])
+    assert [r["spec"] for r in record["rows"]] == ["flow_matching", "old:meanflow", "meanflow"]
+    assert record["rows"][0]["ratio"] == 1.0 and all(r["median_s"] > 0 for r in record["rows"])
+    assert json.loads((tmp_path / "h.json").read_text())["rev"] == "HEAD"
