@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from selfe_cli.errors import UserError
 from selfe_cli.methods.jvp import attention_jvp_backend, dual_jvp, plan_jvp, two_time_jvp
+from selfe_cli.models.conditioning import cond_index
 from selfe_cli.models.registry import build_model
 
 REL = 1e-10
@@ -71,7 +72,7 @@ def _reference(net, x, t, r, cond, dx, dt, k: int, *, functorch: bool = True):
     does not), so with active dropout the U-Net is compared with ``forward_ad``'s own rules.
     """
     def f(x_, t_):
-        return net(x_, t_, r[:k], cond[:k])
+        return net(x_, t_, r[:k], cond_index(cond, slice(0, k)))
 
     with sdpa_kernel(SDPBackend.MATH):  # the only SDPA backend with a forward-AD rule
         if functorch:
@@ -80,7 +81,7 @@ def _reference(net, x, t, r, cond, dx, dt, k: int, *, functorch: bool = True):
             u_head, du_head = dual_jvp(f, (x[:k], t[:k]), (dx[:k], dt[:k]), fast_linear_tangents=False)
     if k == x.shape[0]:
         return u_head, du_head
-    u_tail = net(x[k:], t[k:], r[k:], cond[k:])
+    u_tail = net(x[k:], t[k:], r[k:], cond_index(cond, slice(k, None)))
     return torch.cat([u_head, u_tail]), du_head
 
 
@@ -265,3 +266,26 @@ def test_dropout_rule_is_the_identity_only_when_nothing_is_dropped():
     assert 0 < kept.sum() < x.numel()  # real dropout: one mask for primal and tangent
     torch.testing.assert_close(tan[kept], 2 * dx[kept], atol=0, rtol=0)
     assert (tan[~kept] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_engine_on_text_models_with_padding_masks(kind):
+    """Text conditions: cross-attention with a key-padding mask per row (sliced with the tangent rows)."""
+    from selfe_cli.models.text import TextConditioner
+
+    torch.manual_seed(0)
+    common = dict(sample_size=8, in_channels=2, time_freq_dim=16, condition="text", text_width=32, text_layers=1,
+                  text_heads=2, text_context_length=16)
+    if kind == "unet":
+        net = build_model("unet", model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                          num_heads=2, **common)
+    else:
+        net = build_model("dit", patch_size=2, hidden_size=32, depth=1, num_heads=2, **common)
+    net = _roughen(net).double().eval()
+    cond = TextConditioner(16).encode(["a red cube", "two blue spheres left of a green cube", "", "a cat", "x"])
+    x, t, r, _, dx, dt = _inputs()
+    u_ref, du_ref = _reference(net, x, t, r, cond, dx * (torch.arange(5) < 3).double().view(-1, 1, 1, 1),
+                               dt * (torch.arange(5) < 3).double(), 5)
+    u, du = two_time_jvp(net, x, t, r, cond, dx, dt, None, jvp_rows=3)
+    assert du_ref.abs().max() > 1e-3
+    assert _rel(u, u_ref) < REL and _rel(du[:3], du_ref[:3]) < REL and (du[3:] == 0).all()
