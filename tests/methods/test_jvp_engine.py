@@ -189,9 +189,10 @@ def test_attention_rule_with_mask_equals_pytorch_forward_ad():
 
 
 def test_plan_picks_two_pass_for_compiled_networks_and_refuses_impossible_requests():
-    net = _dit()
+    net = _dit()  # dropout 0.2, training mode
     plan = plan_jvp(net)
-    assert plan.mode == "single_pass" and "single_pass" in plan.describe()
+    assert plan.mode == "single_pass" and "dropout" in plan.describe()
+    assert plan_jvp(_dit().eval()).mode == "two_pass"  # no active dropout: the JVP rows, then one forward
     compiled = torch.compile(net)  # lazy: nothing is compiled until called
     assert plan_jvp(compiled).mode == "two_pass"
     assert plan_jvp(compiled, "two_pass").reason == "requested"
@@ -200,7 +201,7 @@ def test_plan_picks_two_pass_for_compiled_networks_and_refuses_impossible_reques
     # bf16 training with a float32 JVP: the forward with graph stays in bf16 (two_pass); a bf16 JVP: one pass
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert plan_jvp(net, dtype="float32").mode == "two_pass"
-        assert plan_jvp(net, dtype="bfloat16").mode == "single_pass"
+        assert plan_jvp(net, dtype="bfloat16").mode == "single_pass"  # with dropout
         assert plan_jvp(net, "single_pass", dtype="float32").mode == "single_pass"  # asked for: all in float32
 
 

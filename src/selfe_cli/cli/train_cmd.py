@@ -9,6 +9,18 @@ import typer
 from selfe_cli.cli.app import app
 
 
+def _has_dropout(rec, info) -> bool:  # noqa: ANN001
+    """Whether the recipe's network has dropout (built on the meta device: no memory, no weights)."""
+    import torch
+
+    from selfe_cli.models.registry import build_model
+    from selfe_cli.training.run import model_kwargs
+
+    with torch.device("meta"):
+        net = build_model(rec.model.name, **model_kwargs(rec, info))
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -49,7 +61,7 @@ def train(
         where = device or ("cuda" if _cuda_available() else "cpu")
         jvp_plan = MeanFlow(rec.method.config).describe_jvp(
             sharded=rec.train.parallel == "fsdp" and world > 1, compiled=rec.train.compile, device=where,
-            precision=rec.train.precision)
+            precision=rec.train.precision, dropout=_has_dropout(rec, info))
     if dry_run:
         print(f"# resolved recipe: {rec.source}")
         print(dump_recipe(rec), end="")

@@ -496,16 +496,19 @@ class JvpPlan:
 
 
 def plan_for(requested: JvpMode = "auto", *, sharded: bool = False, ddp_sink: bool = False,
-             compiled: bool = False, device: torch.device | str = "cpu", mixed_precision: bool = False) -> JvpPlan:
+             compiled: bool = False, device: torch.device | str = "cpu", mixed_precision: bool = False,
+             dropout: bool = False) -> JvpPlan:
     """The forward-mode route from the facts that decide it (``plan_jvp`` reads them off a network).
 
-    ``single_pass`` wherever the dual tensors can go through the network as passed; ``two_pass`` where a
-    wrapper inserts an autograd Function without a forward-AD rule (FSDP2, DDP with
-    ``find_unused_parameters`` or ``static_graph``) and for ``torch.compile``d networks: the compiled module
-    runs the forward with graph and its backward, the JVP pass runs eagerly on the bare module. Dropout
-    decides nothing: both routes are exact with it. ``mixed_precision`` (bf16 autocast training with a
-    float32 JVP): ``auto`` takes ``two_pass`` too, since one dual pass runs primal and tangent in one
-    precision and would lift the whole forward with graph to float32.
+    ``two_pass`` is the default: measured on 2 CPU cores (docs/benchmarks.md) it is as fast as one dual pass
+    (its extra forward of the tangent rows costs what the dual pass spends on full-batch tangents) and keeps
+    flow matching's peak memory, where the dual pass holds a tangent per activation (1.3x). ``two_pass`` is
+    also the only route where a wrapper inserts an autograd Function without a forward-AD rule (FSDP2, DDP
+    with ``find_unused_parameters`` or ``static_graph``) and for ``torch.compile``d networks (the compiled
+    module runs the forward with graph and its backward, the JVP pass runs eagerly on the bare module), and
+    it keeps the forward with graph in bf16 when a bf16-autocast run asks for a float32 JVP
+    (``mixed_precision``). ``single_pass`` is chosen for networks with active dropout: one dual pass draws
+    each row's mask once for primal and tangent, where ``two_pass`` must split the forward (5-10% slower).
     """
     attention = attention_jvp_backend(device)
     blocker = None
@@ -527,7 +530,11 @@ def plan_for(requested: JvpMode = "auto", *, sharded: bool = False, ddp_sink: bo
     if mixed_precision:
         return JvpPlan("two_pass", "bf16 training with jvp_dtype float32: the forward with graph stays in bf16, "
                                    "the JVP rows run in float32", attention)
-    return JvpPlan("single_pass", "dual tensors through the network as passed, with the primal", attention)
+    if dropout:
+        return JvpPlan("single_pass", "active dropout: one dual pass with the primal draws each row's mask once",
+                       attention)
+    return JvpPlan("two_pass", "no dropout: the JVP rows without graph, then one forward of the batch "
+                               "(as fast as one dual pass, with flow matching's memory)", attention)
 
 
 def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device | str | None = None,
@@ -541,7 +548,7 @@ def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device |
     mixed = dtype == "float32" and torch.is_autocast_enabled(device_type) \
         and torch.get_autocast_dtype(device_type) != torch.float32
     return plan_for(requested, sharded=is_sharded(net), ddp_sink=_uses_ddp_sink(net), compiled=_is_compiled(net),
-                    device=device, mixed_precision=mixed)
+                    device=device, mixed_precision=mixed, dropout=has_active_dropout(net))
 
 
 def bcast_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

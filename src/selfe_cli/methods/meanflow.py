@@ -89,13 +89,14 @@ class MeanFlow(Method):
     def __init__(self, config: MeanFlowConfig | None = None):
         self.config = config or MeanFlowConfig()
 
-    def describe_jvp(self, *, sharded: bool, compiled: bool, device: str, precision: str = "fp32") -> str:
+    def describe_jvp(self, *, sharded: bool, compiled: bool, device: str, precision: str = "fp32",
+                     dropout: bool = False) -> str:
         """The forward-mode route training will take (``selfe train --dry-run`` and the run log print it)."""
         from selfe_cli.methods.jvp import plan_for
 
         mixed = precision == "bf16" and str(device).startswith("cuda") and self.config.jvp_dtype == "float32"
         return plan_for(self.config.jvp_mode, sharded=sharded, compiled=compiled, device=device,
-                        mixed_precision=mixed).describe()
+                        mixed_precision=mixed, dropout=dropout).describe()
 
     def sampler_defaults(self, net: nn.Module | None = None) -> dict:
         # Algorithm 2: each step lands at the next grid time, x_r = x_t - (t - r) u(x_t, r, t).

@@ -124,9 +124,11 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
             conditioner.to(dist.device)
         method = build_method(recipe.method.name, recipe.method.config)
         if hasattr(method, "describe_jvp"):  # refuses an impossible jvp_mode before any step runs
+            from selfe_cli.methods.jvp import has_active_dropout
+
             plan = method.describe_jvp(sharded=recipe.train.parallel == "fsdp" and dist.enabled,
                                        compiled=recipe.train.compile, device=str(dist.device),
-                                       precision=recipe.train.precision)
+                                       precision=recipe.train.precision, dropout=has_active_dropout(net.train()))
             if dist.is_main and progress:
                 print(f"jvp: {plan}")
         vae = None
