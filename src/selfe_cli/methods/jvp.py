@@ -49,6 +49,8 @@ from torch.overrides import TorchFunctionMode
 
 from selfe_cli.methods.base import is_sharded, unwrap
 from selfe_cli.methods.configs import JvpDtype, JvpMode
+from selfe_cli.methods.paths import bcast
+from selfe_cli.models.conditioning import cond_index
 
 # Ops that are linear in their input for fixed (weight, bias): tangent = op(x_t, weight, no bias).
 # All take (input, weight, bias, *rest) positionally.
@@ -551,11 +553,6 @@ def plan_jvp(net: nn.Module, requested: JvpMode = "auto", device: torch.device |
                     device=device, mixed_precision=mixed, dropout=has_active_dropout(net))
 
 
-def bcast_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-row (N,) factor shaped to broadcast against ``like`` (N, ...), in its dtype."""
-    return mask.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     if len(parts) == 1:
         return parts[0]
@@ -563,14 +560,6 @@ def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     for p in parts[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
     return torch.cat([p.to(dtype) for p in parts])
-
-
-def _rows(x: Any, sl: slice) -> Any:
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        return x[sl]
-    return {k: v[sl] for k, v in x.items()}
 
 
 def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Any,
@@ -592,7 +581,7 @@ def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tens
     head, tail = slice(0, k), slice(k, n)
 
     def dual_args(sl: slice) -> tuple[tuple, tuple]:
-        primals = (as_jvp_input(x[sl]), t[sl], r[sl], _rows(cond, sl))
+        primals = (as_jvp_input(x[sl]), t[sl], r[sl], cond_index(cond, sl))
         tangents = (dx[sl], None if dt is None else dt[sl], None if dr is None else dr[sl], None)
         return primals, tangents
 
@@ -601,7 +590,7 @@ def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tens
         # One dual pass over every row, the tangent zero past row k: the costly tangent rules work on k rows
         # (``tangent_rows``), and the batch is not split (two smaller passes cost 5-10% more on 2 CPU cores).
         zero_tail = torch.arange(n, device=x.device) < k  # (N,)
-        dx_rows = dx * bcast_rows(zero_tail, dx)
+        dx_rows = dx * bcast(zero_tail, dx)
         dt_rows = None if dt is None else dt * zero_tail
         dr_rows = None if dr is None else dr * zero_tail
         with jvp_precision(x.device, dtype):
@@ -616,7 +605,7 @@ def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tens
             parts.append(u_head)
             du[head] = du_head.to(du.dtype)
         if k < n:
-            parts.append(net(x[tail], t[tail], r[tail], _rows(cond, tail)))
+            parts.append(net(x[tail], t[tail], r[tail], cond_index(cond, tail)))
         return _cat_rows(parts).to(x.dtype), du
 
     # two_pass: JVP without graph on the bare module, then forwards with graph through the wrappers.
@@ -635,8 +624,8 @@ def two_time_jvp(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tens
                 du[head] = du_head.to(du.dtype)
     # RNG restored: the forward of the same rows draws the dropout masks the JVP pass drew.
     if dropout and not collective and 0 < k < n:
-        u = _cat_rows([net(x[head], t[head], r[head], _rows(cond, head)),
-                       net(x[tail], t[tail], r[tail], _rows(cond, tail))])
+        u = _cat_rows([net(x[head], t[head], r[head], cond_index(cond, head)),
+                       net(x[tail], t[tail], r[tail], cond_index(cond, tail))])
     else:
         u = net(x, t, r, cond)
     return u.to(x.dtype), du
