@@ -25,7 +25,7 @@ def sample(
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the first image; image i uses seed + i.")] = 0,
     n: Annotated[int, typer.Option(min=1, help="Number of images.")] = 16,
     out: Annotated[Path | None, typer.Option(help="Output folder (grid.png + one PNG per image). Default: outputs/<run>/<prompt>-<steps>steps/.")] = None,
-    r_mode: Annotated[str | None, typer.Option(help="Landing time of each step: next (t_{k+1}; MeanFlow, Self-E), same (t_k; flow-matching Euler) or mid. Default: the recipe's / the method's rule.")] = None,
+    r_mode: Annotated[str | None, typer.Option(help="Landing time of each step: next (t_{k+1}; MeanFlow, Self-E), same (t_k; flow-matching Euler), mid, or zero (predict x0; with --eta 1: consistency sampling, alpha-Flow's 2-NFE sampler). Default: the recipe's / the method's rule.")] = None,
     eta: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Stochastic (DDIM-style) steps: 0 deterministic, 1 fresh noise each step. Default: the recipe's sample.eta.")] = None,
     weights: Annotated[str, typer.Option(help="'ema' (default), 'model', or an EMA decay such as 0.9999.")] = "ema",
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
@@ -36,8 +36,8 @@ def sample(
     from selfe_cli.errors import UserError
 
     # everything the user typed is checked before the network is loaded
-    if r_mode is not None and r_mode not in ("next", "same", "mid"):
-        raise UserError(f"--r-mode: expected next, same or mid, got {r_mode!r}")
+    if r_mode is not None and r_mode not in ("next", "same", "mid", "zero"):
+        raise UserError(f"--r-mode: expected next, same, mid or zero, got {r_mode!r}")
     output_dir(out, "--out")
     device = check_device(device)
     from selfe_cli.sampling.generate import Generator, resolve_run_dir, save_grid

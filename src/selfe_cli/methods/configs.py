@@ -160,11 +160,103 @@ class MeanFlowConfig:
 
 
 
+# alpha-Flow (Zhang et al. 2025, snap-research/alphaflow): values of experiments-alphaflow.yaml (docs/methods.md)
+@dataclass
+class AlphaFlowConfig:
+    """The recipe's ``method:`` section for ``name: alphaflow``. Defaults: the official XL/2-cfg recipe where it
+    is public, MeanFlow's ImageNet setting where it is not (docs/methods.md, alpha-Flow options)."""
+
+    time_sampler_fm: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0),
+        metadata=spec(help="t of the r = t rows (official time_sampling_fm: not public; MeanFlow's)"))
+    time_sampler_t: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="first time draw of the r < t rows"))
+    time_sampler_r: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="second time draw; t = max, r = min"))
+    ratio_fm: float = field(default=0.5, metadata=spec(
+        ge=0, le=1, help="share of r = t rows, floor(ratio * N), placed first (official ratio_fm)"))
+    alpha: float | None = field(default=None, metadata=spec(
+        ge=0, le=1, help="a constant alpha (null: the sigmoid curriculum alpha_start..alpha_end)"))
+    alpha_start: int | None = field(default=None, metadata=spec(
+        ge=0, help="step where the alpha curriculum starts (null: alpha_start_fraction * total_steps)"))
+    alpha_end: int | None = field(default=None, metadata=spec(
+        ge=0, help="step where it ends (null: alpha_end_fraction * total_steps)"))
+    alpha_start_fraction: float = field(default=0.5, metadata=spec(
+        ge=0, le=1, help="start as a fraction of training (XL/2-cfg: 600k of 1.2M)"))
+    alpha_end_fraction: float = field(default=5 / 6, metadata=spec(
+        ge=0, le=1, help="end as a fraction of training (XL/2-cfg: 1M of 1.2M)"))
+    alpha_initial: float = field(default=1.0, metadata=spec(ge=0, le=1, help="alpha before the curriculum"))
+    alpha_final: float = field(default=0.0, metadata=spec(ge=0, le=1, help="alpha after the curriculum"))
+    alpha_gamma: float = field(default=25.0, metadata=spec(gt=0, help="steepness of the sigmoid curriculum"))
+    alpha_snap: float = field(default=0.005, metadata=spec(
+        ge=0, lt=0.5, help="alpha below this is 0 (the JVP branch), above 1 - this is 1"))
+    clamp_utgt: float | None = field(default=None, metadata=spec(
+        gt=0, help="clip the discrete-branch target to +-this (XL/2-cfg: 4.0; null: off)"))
+    weight_eps: float = field(default=1e-3, metadata=spec(
+        gt=0, help="adaptive weight w / (mse + eps), mse a per-row mean (official value not public)"))
+    weight_p: float = field(default=1.0, metadata=spec(ge=0, help="power of the adaptive weight (official: 1)"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
+    dropout_in_interval_only: bool = field(default=True, metadata=spec(
+        help="drop labels only on rows inside the guidance interval (official)"))
+    guidance: MeanFlowGuidanceConfig = field(
+        default_factory=MeanFlowGuidanceConfig,
+        metadata=spec(help="CFG trained into the target (w = omega, kappa; interval open: t_min < t < t_max)"))
+    jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP and target passes"))
+    jvp_mode: JvpMode = field(default="auto", metadata=spec(help="forward-mode route at alpha = 0 (as MeanFlow)"))
+
+    def __post_init__(self) -> None:
+        if self.alpha_start is not None and self.alpha_end is not None and self.alpha_end < self.alpha_start:
+            raise ValueError(f"alpha_end ({self.alpha_end}) is before alpha_start ({self.alpha_start})")
+        if self.alpha_end_fraction < self.alpha_start_fraction:
+            raise ValueError(f"alpha_end_fraction ({self.alpha_end_fraction}) is below alpha_start_fraction "
+                             f"({self.alpha_start_fraction})")
+
+
+@dataclass
+class IMFGuidanceConfig:
+    """iMF's guidance as a network condition: omega and the interval [t_min, t_max] are sampled per row and
+    embedded; at sampling ``--cfg`` is omega and ``sample_t_min`` / ``sample_t_max`` the interval."""
+
+    omega_max: float = field(default=8.0, metadata=spec(ge=1, help="omega in [1, omega_max] (official s_max 7: 8)"))
+    beta: float = field(default=1.0, metadata=spec(ge=0, help="density of omega ~ omega^-beta (1: omega = omega_max^U)"))
+    t_min_high: float = field(default=0.5, metadata=spec(ge=0, le=1, help="t_min ~ U[0, t_min_high]"))
+    t_max_low: float = field(default=0.5, metadata=spec(ge=0, le=1, help="t_max ~ U[t_max_low, 1]"))
+    sample_t_min: float = field(default=0.0, metadata=spec(ge=0, le=1, help="guidance interval at sampling: start"))
+    sample_t_max: float = field(default=1.0, metadata=spec(ge=0, le=1, help="guidance interval at sampling: end"))
+
+    def __post_init__(self) -> None:
+        if self.sample_t_min > self.sample_t_max:
+            raise ValueError(f"sample_t_min ({self.sample_t_min}) exceeds sample_t_max ({self.sample_t_max})")
+        if self.t_min_high > self.t_max_low:
+            raise ValueError(f"t_min_high ({self.t_min_high}) exceeds t_max_low ({self.t_max_low})")
+
+
+@dataclass
+class IMFConfig:
+    """The recipe's ``method:`` section for ``name: imf``. Defaults: the official B/2 code (imf.py)."""
+
+    time_sampler: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="both time draws; t = max, r = min"))
+    ratio_r_neq_t: float = field(default=0.5, metadata=spec(
+        ge=0, le=1, help="share of rows with r != t (official data_proportion 0.5 of r = t rows)"))
+    weight_p: float = field(default=1.0, metadata=spec(ge=0, help="adaptive weight power (official norm_p)"))
+    weight_c: float = field(default=0.01, metadata=spec(gt=0, help="adaptive weight constant (official norm_eps)"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-label rate (v_g = v there)"))
+    guidance: IMFGuidanceConfig = field(default_factory=IMFGuidanceConfig,
+                                        metadata=spec(help="omega and interval, sampled and embedded"))
+    v_loss_weight: float = field(default=1.0, metadata=spec(
+        ge=0, help="weight of the auxiliary v-head loss (official 1; used when the network has a v-head)"))
+    jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP and target passes"))
+    jvp_mode: JvpMode = field(default="auto", metadata=spec(help="forward-mode route (as MeanFlow)"))
+
+
 # method name -> "module:Class" of its config (imported on first use)
 METHOD_CONFIGS: dict[str, str] = {
     "flow_matching": "selfe_cli.methods.configs:FlowMatchingConfig",
     "meanflow": "selfe_cli.methods.configs:MeanFlowConfig",
     "selfe": "selfe_cli.methods.configs:SelfEConfig",
+    "alphaflow": "selfe_cli.methods.configs:AlphaFlowConfig",
+    "imf": "selfe_cli.methods.configs:IMFConfig",
 }
 
 
@@ -174,5 +266,5 @@ def method_config_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["METHOD_CONFIGS", "FlowMatchingConfig", "JvpDtype", "JvpMode", "MeanFlowConfig", "MeanFlowGuidanceConfig",
+__all__ = ["METHOD_CONFIGS", "AlphaFlowConfig", "FlowMatchingConfig", "IMFConfig", "IMFGuidanceConfig", "JvpDtype", "JvpMode", "MeanFlowConfig", "MeanFlowGuidanceConfig",
            "SelfEConfig", "TimeSamplerConfig", "method_config_class"]

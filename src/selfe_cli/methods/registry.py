@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from selfe_cli.methods.alphaflow import AlphaFlow
 from selfe_cli.methods.base import Method
-from selfe_cli.methods.configs import FlowMatchingConfig, SelfEConfig
+from selfe_cli.methods.configs import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, SelfEConfig
 from selfe_cli.methods.flow_matching import FlowMatching
+from selfe_cli.methods.imf import IMF
 from selfe_cli.methods.meanflow import MeanFlow, MeanFlowConfig
 from selfe_cli.methods.selfe import SelfE
 
@@ -22,6 +24,8 @@ METHODS: dict[str, MethodEntry] = {
     "flow_matching": MethodEntry(FlowMatching, FlowMatchingConfig),
     "meanflow": MethodEntry(MeanFlow, MeanFlowConfig),
     "selfe": MethodEntry(SelfE, SelfEConfig),
+    "alphaflow": MethodEntry(AlphaFlow, AlphaFlowConfig),
+    "imf": MethodEntry(IMF, IMFConfig),
 }
 
 

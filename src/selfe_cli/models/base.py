@@ -16,8 +16,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from torch import nn
 
-from selfe_cli.models.conditioning import Cond
-from selfe_cli.models.embeddings import attention_backend
+from selfe_cli.models.conditioning import Cond, split_guidance
+from selfe_cli.models.embeddings import GuidanceEmbedder, attention_backend, no_guidance
 from selfe_cli.models.text import TinyTextEncoder, null_input_ids
 
 ConditionKind = Literal["none", "class", "text"]
@@ -43,6 +43,40 @@ class TwoTimeModel(ModelMixin, ConfigMixin):
     # (methods/jvp.py; tests/methods/test_jvp_engine.py checks every network family against torch.func.jvp).
     batch_major_jvp: bool = True
 
+    # The auxiliary v-head (iMF): networks built with ``aux_v_head_blocks = k > 0`` duplicate their last k blocks
+    # and output layer on the shared trunk as ``v_blocks`` / ``v_final_layer``. ``output_head = "v"`` makes
+    # the forward return the v-head's output instead of u; a list in ``v_sink`` collects the v-head output of
+    # every forward that returns u, as ``(grad enabled, tensor)`` (methods.imf reads it: one trunk pass for both).
+    output_head: str = "u"
+    v_sink: list | None = None
+
+    @property
+    def has_v_head(self) -> bool:
+        return getattr(self, "v_blocks", None) is not None and len(self.v_blocks) > 0
+
+    def drop_v_head(self) -> None:
+        """Remove the v-head (sampling and export need only u): what remains is the same network built with
+        ``aux_v_head_blocks = 0``, with the same parameter names."""
+        if not self.has_v_head:
+            return
+        del self.v_blocks
+        del self.v_final_layer
+        self.v_blocks, self.v_final_layer = None, None
+        self.register_to_config(aux_v_head_blocks=0)
+
+    def _emit_v(self, v: torch.Tensor) -> torch.Tensor | None:
+        """Record (or, with ``output_head == "v"``, return) the v-head output of this forward."""
+        if self.output_head == "v":
+            return v
+        if self.v_sink is not None:
+            import torch.autograd.forward_ad as fwAD
+
+            self.v_sink.append((torch.is_grad_enabled(), fwAD.unpack_dual(v).primal))
+        return None
+
+    def wants_v(self) -> bool:
+        return self.has_v_head and (self.output_head == "v" or self.v_sink is not None)
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         MODEL_CLASSES[cls.__name__] = cls
@@ -66,6 +100,11 @@ class ConditionEmbedder(nn.Module):
       "pooled": (N, pooled_dim)}`` from frozen encoders; the null is the encoders' empty prompt, which
       only the caller can compute, so ``cond`` is required.
 
+    ``guidance_embed=True`` (iMF): the condition may carry guidance scalars (``conditioning.with_guidance``),
+    embedded by a ``GuidanceEmbedder`` and added to the vector; a condition without them counts as unguided
+    (omega = 1 on [0, 1]). Without it, the module has no guidance parameters (checkpoints of earlier runs load
+    unchanged) and a guidance condition is refused.
+
     The pooled text vector goes through an MLP into ``emb_dim``; the token context is projected by an MLP
     to ``context_width`` (once, shared by every cross-attention layer: cheaper than a 4096-wide K/V per
     layer for T5 features).
@@ -73,8 +112,10 @@ class ConditionEmbedder(nn.Module):
 
     def __init__(self, condition: str, emb_dim: int, *, num_classes: int = 0, text_encoder: str = "tiny",
                  text_width: int = 256, text_layers: int = 4, text_heads: int = 4, text_context_length: int = 77,
-                 context_dim: int = 0, pooled_dim: int = 0, context_width: int = 0, use_context: bool = True):
+                 context_dim: int = 0, pooled_dim: int = 0, context_width: int = 0, use_context: bool = True,
+                 guidance_embed: bool = False, freq_dim: int = 256, time_scale: float = 1000.0):
         super().__init__()
+        self.guidance = GuidanceEmbedder(emb_dim, freq_dim, time_scale=time_scale) if guidance_embed else None
         if condition not in ("none", "class", "text"):
             raise ValueError(f"condition must be 'none', 'class' or 'text', got {condition!r}")
         self.condition, self.text_encoder_kind = condition, text_encoder
@@ -115,6 +156,18 @@ class ConditionEmbedder(nn.Module):
 
     def forward(self, cond: Cond, n: int, device: torch.device
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        cond, guidance = split_guidance(cond)
+        if self.guidance is None:
+            if guidance is not None:
+                raise ValueError("this network takes no guidance condition (build it with guidance_embed: true)")
+            return self._embed(cond, n, device)
+        g = guidance if guidance is not None else no_guidance(n, device)
+        g_emb = self.guidance(g.to(device=device, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32))
+        emb, context, mask = self._embed(cond, n, device)
+        return (g_emb if emb is None else emb + g_emb.to(emb.dtype)), context, mask
+
+    def _embed(self, cond: Cond, n: int, device: torch.device
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         if self.condition == "none":
             if cond is not None:
                 raise ValueError("this model is unconditional (condition='none') but got a condition")

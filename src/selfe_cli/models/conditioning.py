@@ -5,6 +5,11 @@ A condition is batched on dim 0 and is one of:
   - ``LongTensor (N,)``          class labels, the null label is ``num_classes``;
   - ``dict[str, Tensor]``        text: ``{"input_ids": (N, L)}`` for a built-in trainable text encoder,
                                  or ``{"context": (N, L, D), "mask": (N, L), "pooled": (N, P)}``.
+
+Any of them may carry guidance scalars for networks built with ``guidance_embed: true`` (iMF's guidance as a
+condition): ``with_guidance(cond, g)`` adds ``g = (N, 3)`` float ``[omega, t_min, t_max]`` under the key
+``"guidance"`` (a label tensor becomes ``{"label": labels, "guidance": g}``, ``None`` becomes
+``{"guidance": g}``); ``split_guidance`` takes it apart again. The pytree helpers below treat it like any key.
 """
 
 from __future__ import annotations
@@ -15,6 +20,33 @@ from typing import Any
 import torch
 
 Cond = None | torch.Tensor | dict[str, torch.Tensor]
+
+
+GUIDANCE_KEY = "guidance"
+LABEL_KEY = "label"
+
+
+def with_guidance(cond: Cond, guidance: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``cond`` plus guidance scalars ``(N, 3)`` = ``[omega, t_min, t_max]`` (see the module docstring)."""
+    if guidance.dim() != 2 or guidance.shape[1] != 3:
+        raise ValueError(f"guidance must be (N, 3) [omega, t_min, t_max], got {tuple(guidance.shape)}")
+    if cond is None:
+        return {GUIDANCE_KEY: guidance}
+    if isinstance(cond, torch.Tensor):
+        return {LABEL_KEY: cond, GUIDANCE_KEY: guidance}
+    return {**cond, GUIDANCE_KEY: guidance}
+
+
+def split_guidance(cond: Cond) -> tuple[Cond, torch.Tensor | None]:
+    """``(condition without guidance, guidance (N, 3) or None)``; the inverse of ``with_guidance``."""
+    if not isinstance(cond, dict) or GUIDANCE_KEY not in cond:
+        return cond, None
+    rest = {k: v for k, v in cond.items() if k != GUIDANCE_KEY}
+    if not rest:
+        return None, cond[GUIDANCE_KEY]
+    if set(rest) == {LABEL_KEY}:
+        return rest[LABEL_KEY], cond[GUIDANCE_KEY]
+    return rest, cond[GUIDANCE_KEY]
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -60,7 +92,7 @@ def cond_to(c: Cond, device: torch.device | str, float_dtype: torch.dtype | None
 
     if isinstance(c, torch.Tensor):
         return move(c)
-    return {k: move(v) for k, v in c.items()}
+    return {k: move(v) if k != GUIDANCE_KEY else v.to(device, non_blocking=True) for k, v in c.items()}
 
 
 def cond_batch_size(c: Cond) -> int | None:

@@ -92,10 +92,14 @@ class DiT(TwoTimeModel):
         pooled_dim: int = 0,
         cross_attention: bool = True,
         dropout: float = 0.0,
+        guidance_embed: bool = False,
+        aux_v_head_blocks: int = 0,
     ):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0 <= aux_v_head_blocks <= depth:
+            raise ValueError(f"aux_v_head_blocks must be in [0, depth = {depth}], got {aux_v_head_blocks}")
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
@@ -115,11 +119,17 @@ class DiT(TwoTimeModel):
             condition, hidden_size, num_classes=num_classes, text_encoder=text_encoder, text_width=text_width,
             text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
             context_dim=context_dim, pooled_dim=pooled_dim,
-            context_width=hidden_size, use_context=use_xattn)
+            context_width=hidden_size, use_context=use_xattn, guidance_embed=guidance_embed,
+            freq_dim=time_freq_dim, time_scale=time_scale)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=use_xattn,
                                               dropout=dropout)
                                      for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # iMF's auxiliary v-head: the last k blocks and the output layer again, on the shared trunk
+        self.v_blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, cross=use_xattn,
+                                                dropout=dropout) for _ in range(aux_v_head_blocks)]) \
+            if aux_v_head_blocks else None
+        self.v_final_layer = FinalLayer(hidden_size, patch_size, self.out_channels) if aux_v_head_blocks else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -129,8 +139,10 @@ class DiT(TwoTimeModel):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-        self.blocks.apply(basic)
-        self.final_layer.apply(basic)
+        heads = [self.final_layer] + ([self.v_final_layer] if self.v_final_layer is not None else [])
+        blocks = list(self.blocks) + (list(self.v_blocks) if self.v_blocks is not None else [])
+        for m in blocks + heads:
+            m.apply(basic)
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
@@ -138,16 +150,17 @@ class DiT(TwoTimeModel):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the network as the zero map
-        for block in self.blocks:
+        for block in blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
             if block.cross_attn is not None:
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for head in heads:
+            nn.init.zeros_(head.adaLN_modulation[-1].weight)
+            nn.init.zeros_(head.adaLN_modulation[-1].bias)
+            nn.init.zeros_(head.linear.weight)
+            nn.init.zeros_(head.linear.bias)
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         p, c = self.patch_size, self.out_channels
@@ -165,8 +178,18 @@ class DiT(TwoTimeModel):
         cond_emb, context, mask = self.cond_embedder(cond, n, x.device)
         if cond_emb is not None:
             c = c + cond_emb
-        for block in self.blocks:
+        p = self.patch_size
+        split = len(self.blocks) - (len(self.v_blocks) if self.has_v_head else 0)
+        for block in self.blocks[:split]:
+            tokens = block(tokens, c, context, mask)
+        if self.wants_v():  # the v-head on the shared trunk
+            v_tokens = tokens
+            for block in self.v_blocks:
+                v_tokens = block(v_tokens, c, context, mask)
+            v = self.unpatchify(self.v_final_layer(v_tokens, c), hh // p, ww // p).to(x.dtype)
+            if self._emit_v(v) is not None:
+                return v
+        for block in self.blocks[split:]:
             tokens = block(tokens, c, context, mask)
         out = self.final_layer(tokens, c)  # (N, T, p*p*C)
-        p = self.patch_size
         return self.unpatchify(out, hh // p, ww // p).to(x.dtype)

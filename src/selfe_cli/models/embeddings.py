@@ -92,6 +92,28 @@ class TwoTimeEmbedder(nn.Module):
         return self.t_embedder(t) + self.h_embedder(t - r)  # (N, out_dim)
 
 
+class GuidanceEmbedder(nn.Module):
+    """iMF's guidance condition ``[omega, t_min, t_max]`` (N, 3) -> a vector: three sinusoid MLPs, summed.
+
+    omega enters as ``1 - 1/omega`` (in [0, 1) for omega >= 1, as the official imfDiT); t_min and t_max as they
+    are. Networks add the result to their condition vector (``guidance_embed: true``)."""
+
+    def __init__(self, out_dim: int, freq_dim: int = 256, *, time_scale: float = 1000.0):
+        super().__init__()
+        self.omega_embedder = TimestepEmbedder(out_dim, freq_dim, time_scale=time_scale)
+        self.t_min_embedder = TimestepEmbedder(out_dim, freq_dim, time_scale=time_scale)
+        self.t_max_embedder = TimestepEmbedder(out_dim, freq_dim, time_scale=time_scale)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        omega, t_min, t_max = g.unbind(1)
+        return self.omega_embedder(1 - 1 / omega) + self.t_min_embedder(t_min) + self.t_max_embedder(t_max)
+
+
+def no_guidance(n: int, device: torch.device | str) -> torch.Tensor:
+    """The guidance condition of an unguided call: omega = 1 on the interval [0, 1], shape (N, 3)."""
+    return torch.tensor([1.0, 0.0, 1.0], device=device).expand(n, 3)
+
+
 def velocity_skip(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """``c_skip(t) = Cov(v, x_t) / Var(x_t) = (t - (1 - t) s^2) / ((1 - t)^2 s^2 + t^2)``, s = sigma_data.
 

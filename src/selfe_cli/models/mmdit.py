@@ -22,6 +22,7 @@ Sharding (FSDP2 / activation checkpointing): ``self.blocks`` is one ``ModuleList
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -218,8 +219,13 @@ class MMDiT(TwoTimeModel):
         clip_encoder: str = "openai/clip-vit-large-patch14",
         t5_max_length: int = 256,
         dropout: float = 0.0,
+        guidance_embed: bool = False,
+        aux_v_head_blocks: int = 0,
     ):
         super().__init__()
+        if not 0 <= aux_v_head_blocks <= depth_single:
+            raise ValueError(f"aux_v_head_blocks must be in [0, depth_single = {depth_single}] (the v-head duplicates "
+                             f"single-stream blocks), got {aux_v_head_blocks}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if sample_size % patch_size:
@@ -246,19 +252,25 @@ class MMDiT(TwoTimeModel):
             condition, hidden_size, num_classes=num_classes, text_encoder=text_encoder, text_width=text_width,
             text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
             context_dim=context_dim, pooled_dim=pooled_dim,
-            context_width=hidden_size, use_context=True)
+            context_width=hidden_size, use_context=True, guidance_embed=guidance_embed,
+            freq_dim=time_freq_dim, time_scale=time_scale)
         self.blocks = nn.ModuleList(
             [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, dropout) for _ in range(depth_double)]
             + [SingleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, dropout) for _ in range(depth_single)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # iMF's auxiliary v-head: the last k (single-stream) blocks and the output layer again, on the shared trunk
+        self.v_blocks = nn.ModuleList([SingleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, dropout)
+                                       for _ in range(aux_v_head_blocks)]) if aux_v_head_blocks else None
+        self.v_final_layer = FinalLayer(hidden_size, patch_size, self.out_channels) if aux_v_head_blocks else None
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for module in [self.x_embedder, *self.blocks.modules()]:
+        heads = [self.blocks] + ([self.v_blocks] if self.v_blocks is not None else [])
+        for module in [self.x_embedder, *(m for h in heads for m in h.modules())]:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.blocks.modules():  # adaLN-Zero: modulations (and so gates) start at 0
+        for module in (m for h in heads for m in h.modules()):  # adaLN-Zero: modulations (and gates) start at 0
             if isinstance(module, (_Stream, SingleStreamBlock)):
                 _zero(module.mod[1])
 
@@ -302,11 +314,22 @@ class MMDiT(TwoTimeModel):
         if key_mask is not None and not bool(key_mask.all()):
             full = torch.cat([key_mask.bool(), key_mask.new_ones(n, img.shape[1], dtype=torch.bool)], dim=1)
             attn_mask = key_padding_bias(full)  # (N, 1, 1, Lt + Li)
-        for block in self.blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                img, txt = self._gradient_checkpointing_func(block, img, txt, vec, rot, attn_mask)
-            else:
-                img, txt = block(img, txt, vec, rot, attn_mask)
+        def run(blocks: Any, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            for block in blocks:
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    img, txt = self._gradient_checkpointing_func(block, img, txt, vec, rot, attn_mask)
+                else:
+                    img, txt = block(img, txt, vec, rot, attn_mask)
+            return img, txt
+
+        split = len(self.blocks) - (len(self.v_blocks) if self.has_v_head else 0)
+        img, txt = run(self.blocks[:split], img, txt)
+        if self.wants_v():  # the v-head on the shared trunk
+            v_img, _ = run(self.v_blocks, img, txt)
+            v = self.unpatchify(self.v_final_layer(v_img, vec), h, w).to(x.dtype)
+            if self._emit_v(v) is not None:
+                return v
+        img, txt = run(self.blocks[split:], img, txt)
         out = self.final_layer(img, vec)  # (N, Li, p*p*C)
         return self.unpatchify(out, h, w).to(x.dtype)
 

@@ -214,6 +214,7 @@ class UNet(TwoTimeModel):
         cross_attention: bool = True,
         cross_attn_resolutions: tuple[int, ...] | None = None,
         skip_sigma_data: float = 0.0,
+        guidance_embed: bool = False,
     ):
         super().__init__()
         if resample not in ("biggan", "conv"):
@@ -238,7 +239,8 @@ class UNet(TwoTimeModel):
             condition, emb_dim, num_classes=num_classes, text_encoder=text_encoder, text_width=text_width,
             text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
             context_dim=context_dim, pooled_dim=pooled_dim,
-            context_width=emb_dim, use_context=use_xattn)
+            context_width=emb_dim, use_context=use_xattn, guidance_embed=guidance_embed,
+            freq_dim=time_freq_dim, time_scale=time_scale)
 
         def layer(block: nn.Module, c: int, res: int, attn: bool) -> UNetLayer:
             return UNetLayer(block,

@@ -69,8 +69,9 @@ class SampleConfig:
     steps: int = field(default=50, metadata=spec(ge=1, le=MAX_SAMPLE_STEPS, help="default number of sampling steps"))
     cfg_scale: float = field(default=1.0, metadata=spec(ge=0, help="classifier-free guidance scale (1: off)"))
     guidance: Literal["standard", "energy"] = field(default="standard", metadata=spec(help="CFG combination rule"))
-    r_mode: Literal["next", "same", "mid"] | None = field(
-        default=None, metadata=spec(help="landing time of each step: next | same | mid; null: the method's rule"))
+    r_mode: Literal["next", "same", "mid", "zero"] | None = field(
+        default=None, metadata=spec(help="landing time of each step: next | same | mid | zero (with eta 1: "
+                                         "consistency sampling); null: the method's rule"))
     shift: float = field(default=1.0, metadata=spec(gt=0, help="time-grid shift s: t -> s t / (1 + (s - 1) t)"))
     eta: float = field(default=0.0, metadata=spec(ge=0, le=1, help="stochastic (DDIM-style) update strength"))
     grid_size: int = field(default=16, metadata=spec(ge=1, le=MAX_GRID, help="images in the training sample grids"))

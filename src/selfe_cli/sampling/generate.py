@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from selfe_cli.errors import UserError
-from selfe_cli.models.conditioning import Conditioner, cond_to
+from selfe_cli.models.conditioning import Conditioner, cond_to, with_guidance
 from selfe_cli.sampling.sampler import sample
 
 RUNS_ROOT = Path("runs")
@@ -135,6 +135,11 @@ class Generator:
         cfg = self.sample_cfg.cfg_scale if cfg_scale is None else cfg_scale
         cond = cond_to(self.encode(conds, n), self.device)
         null = cond_to(self.conditioner.null(n), self.device)
+        interval = self.sampler_defaults.get("guidance_condition")
+        if interval is not None:
+            # Guidance as a condition of the network (iMF): the scale and the interval are inputs, 1 NFE per step.
+            g = torch.tensor([[float(cfg), float(interval[0]), float(interval[1])]], device=self.device).expand(n, 3)
+            cond, null, cfg = with_guidance(cond, g), with_guidance(null, g), 1.0
         noise = self.noise(seeds).to(self.device)
         return sample(self.net, noise, cond, null, steps=steps, cfg_scale=cfg, **kw)
 

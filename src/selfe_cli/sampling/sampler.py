@@ -16,7 +16,7 @@ from torch import nn
 
 from selfe_cli.models.conditioning import Cond, cond_cat
 
-RMode = Literal["next", "same", "mid"]
+RMode = Literal["next", "same", "mid", "zero"]
 Guidance = Literal["standard", "energy"]
 
 
@@ -59,7 +59,10 @@ def guided_velocity(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.T
 
 def landing_times(t_k: torch.Tensor, t_next: torch.Tensor, r_mode: str) -> torch.Tensor:
     """Landing time r of a step from t_k to t_next: next (t_next), same (t_k, flow matching), mid (average;
-    for one step from 1 to 0 that is Self-E's s = 0.5)."""
+    for one step from 1 to 0 that is Self-E's s = 0.5), zero (0: the clean-image prediction
+    ``x0 = x - t u(x, t, 0)``; with ``eta = 1`` that is consistency sampling, alpha-Flow's 2-NFE sampler)."""
+    if r_mode == "zero":
+        return torch.zeros_like(t_k)
     if r_mode == "same":
         return t_k
     if r_mode == "mid":
@@ -77,7 +80,9 @@ def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Co
 
     ``r_mode``: ``"next"`` lands each step at the next grid time (MeanFlow, Self-E: the network
     predicts the average velocity over the step); ``"same"`` evaluates at ``r = t`` (flow-matching
-    Euler: the instantaneous velocity); ``"mid"`` at the middle of the step (Self-E's s = 0.5 for 1 step).
+    Euler: the instantaneous velocity); ``"mid"`` at the middle of the step (Self-E's s = 0.5 for 1 step);
+    ``"zero"`` at r = 0 (each step predicts the clean image; with ``eta = 1`` the step re-noises it to the next
+    time with fresh noise: consistency sampling, ``x' = (1 - t') (x - t u(x, t, 0)) + t' z``).
 
     ``eta`` > 0: DDIM-style stochastic update (Self-E appendix, eta = 1). From ``V`` at (t, r) the clean and
     noise estimates are ``x0 = x - t V`` and ``e = x + (1 - t) V`` (so that ``(1 - t) x0 + t e = x``); the
@@ -85,8 +90,8 @@ def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Co
     (per-image seeded noise of step k, shaped like x), else from ``generator``, else torch's global RNG.
     eta = 0 is exactly the deterministic update ``x - (t - t') V``; eta = 1 re-noises with fresh noise.
     """
-    if r_mode not in ("next", "same", "mid"):
-        raise ValueError(f"r_mode must be 'next', 'same' or 'mid', got {r_mode!r}")
+    if r_mode not in ("next", "same", "mid", "zero"):
+        raise ValueError(f"r_mode must be 'next', 'same', 'mid' or 'zero', got {r_mode!r}")
     if guidance not in ("standard", "energy"):
         raise ValueError(f"guidance must be 'standard' or 'energy', got {guidance!r}")
     if not 0.0 <= eta <= 1.0:

@@ -369,6 +369,11 @@ def export_final(model: nn.Module, out: Path) -> None:
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    if getattr(model, "has_v_head", False):  # iMF's auxiliary v-head trains u only: the export is the u network
+        import copy
+
+        model = copy.deepcopy(model)
+        model.drop_v_head()
     model.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)

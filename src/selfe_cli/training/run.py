@@ -216,6 +216,8 @@ def build_for_sampling(run_dir: Path, *, weights: str = "ema", device: torch.dev
         print(f"warning: checkpoint {damaged} is damaged ({why}); sampling from {ckpt.name}", file=sys.stderr,
               flush=True)
     net.load_state_dict(ckpt_io.load_weights(path), strict=True)
+    if hasattr(net, "drop_v_head"):  # sampling needs u only (iMF's auxiliary v-head is a training device)
+        net.drop_v_head()
     net = net.to(device).eval().requires_grad_(False)
     conditioner = make_conditioner(net, info)
     if hasattr(conditioner, "to"):
