@@ -52,14 +52,14 @@ def train(
     n_params = check_model(rec, info)
     console = Console(soft_wrap=True)
     jvp_plan = None
-    if rec.method.name == "meanflow":  # the forward-mode route training takes, and why (refused here if impossible)
-        import os
+    if rec.method.name in ("meanflow", "alphaflow", "imf"):  # the forward-mode route training takes, and why
+        import os  # (refused here if impossible)
 
-        from selfe_cli.methods.meanflow import MeanFlow
+        from selfe_cli.methods import build_method
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = device or ("cuda" if _cuda_available() else "cpu")
-        jvp_plan = MeanFlow(rec.method.config).describe_jvp(
+        jvp_plan = build_method(rec.method.name, rec.method.config).describe_jvp(
             sharded=rec.train.parallel == "fsdp" and world > 1, compiled=rec.train.compile, device=where,
             precision=rec.train.precision, dropout=_has_dropout(rec, info))
     if dry_run:

@@ -35,7 +35,7 @@ from selfe_cli.models.unet import UNet
 ModelFactory = Callable[..., TwoTimeModel]
 MODELS: dict[str, ModelFactory] = {}
 
-EXTENSION_MODULES = ("selfe_cli.models.mmdit", "selfe_cli.models.mlp")
+EXTENSION_MODULES = ("selfe_cli.models.mmdit", "selfe_cli.models.mlp", "selfe_cli.models.imf_dit")
 
 
 def preset(cls: type[TwoTimeModel], name: str, *, fixed: Mapping[str, Any] | None = None,

@@ -194,9 +194,35 @@ def check_model(recipe: Recipe, info: Any = None) -> int:
     from selfe_cli.training.run import model_kwargs
 
     try:
-        return check_model_kwargs(recipe.model.name, model_kwargs(recipe, info), list(recipe.model.kwargs))
+        kwargs = model_kwargs(recipe, info)
+        n_params = check_model_kwargs(recipe.model.name, kwargs, list(recipe.model.kwargs))
+        check_method_model(recipe.method.name, recipe.model.name, kwargs)
+        return n_params
     except ConfigError as err:
         raise err.with_source(recipe.source) from None
+
+
+def check_method_model(method: str, model: str, kwargs: dict[str, Any]) -> None:
+    """Network options a method needs: iMF feeds omega and the guidance interval to the network, which must be
+    built with ``guidance_embed: true`` (the iMF-DiT presets are)."""
+    if method != "imf":
+        return
+    import inspect
+
+    from selfe_cli.models.registry import MODELS
+
+    factory = MODELS[model]
+    if getattr(getattr(factory, "model_class", factory), "guidance_inputs", False):
+        return
+    params = inspect.signature(factory).parameters
+    value = kwargs.get("guidance_embed", getattr(factory, "fixed", {}).get(
+        "guidance_embed", params["guidance_embed"].default if "guidance_embed" in params else None))
+    if value is None:
+        raise ConfigError("model.name", f"method imf needs a network that takes guidance conditions "
+                                        f"(guidance_embed); {model} has none")
+    if value is not True:
+        raise ConfigError("model.guidance_embed", "expected true for method.name imf (omega and the guidance "
+                                                  f"interval are inputs of the network), got {value!r}")
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, *, check_network: bool = True) -> Recipe:
