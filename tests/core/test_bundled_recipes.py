@@ -15,7 +15,8 @@ NAMES = sorted(bundled_recipes())
 
 def test_the_bundle_is_complete():
     assert {"quickstart", "quickstart_meanflow", "quickstart_selfe", "cifar10_meanflow", "imagenet256_meanflow_b2",
-            "imagenet256_meanflow_xl2", "t2i_selfe_0p5b_256", "t2i_selfe_2b"} <= set(NAMES)
+            "imagenet256_meanflow_xl2", "t2i_selfe_0p5b_256", "t2i_selfe_2b", "quickstart_imf",
+            "quickstart_alphaflow", "imagenet256_imf_b2", "imagenet256_imf_xl2", "imagenet256_alphaflow_xl2"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -71,3 +72,50 @@ def test_the_2b_selfe_recipe_trains_sharded():
     assert getattr(net, "_supports_gradient_checkpointing", False)
     units = {type(m).__name__ for m in net.modules()} & set(net._no_split_modules)
     assert units == {"DoubleStreamBlock", "SingleStreamBlock"}  # one FSDP unit per block
+
+
+def test_quickstart_imf_and_alphaflow_share_the_quickstart_network_data_and_budget():
+    first = load_recipe("quickstart")
+    for name, method, extra in (("quickstart_alphaflow", "alphaflow", {}),
+                                ("quickstart_imf", "imf", {"guidance_embed": True})):  # iMF's guidance inputs
+        r = load_recipe(name)
+        assert r.method.name == method
+        assert (r.model.name, r.model.kwargs) == (first.model.name, {**first.model.kwargs, **extra})
+        assert r.data == first.data and r.train == first.train
+
+
+def test_imf_recipes_are_the_official_configuration():
+    from selfe_cli.methods.configs import IMFConfig
+
+    for name, model, (t_min, t_max) in (("imagenet256_imf_b2", "iMF-B/2", (0.4, 0.65)),
+                                        ("imagenet256_imf_xl2", "iMF-XL/2", (0.42, 0.62))):
+        r = load_recipe(name)
+        m = r.method.config
+        assert isinstance(m, IMFConfig) and r.model.name == model
+        assert (m.time_sampler.mean, m.time_sampler.std, m.ratio_r_neq_t, m.weight_p, m.weight_c, m.cond_dropout) \
+            == (-0.4, 1.0, 0.5, 1.0, 0.01, 0.1)
+        g = m.guidance
+        assert (g.omega_max, g.beta, g.t_min_high, g.t_max_low, g.sample_t_min, g.sample_t_max) == \
+            (8.0, 1.0, 0.5, 0.5, t_min, t_max)
+        assert (r.train.lr, tuple(r.train.betas), r.train.batch_size, r.train.weight_decay, r.train.ema_decays) == \
+            (1e-4, (0.9, 0.95), 1024, 0.0, [0.9999])
+        assert (r.train.total_steps, r.train.warmup_steps) == (800_729, 12_511)  # 640 and 10 epochs
+        assert (r.sample.steps, r.sample.cfg_scale) == (1, 8.0)
+
+
+def test_alphaflow_xl2_recipe_is_the_official_xl2_cfg_experiment():
+    from selfe_cli.methods.configs import AlphaFlowConfig
+
+    r = load_recipe("imagenet256_alphaflow_xl2")
+    m = r.method.config
+    assert isinstance(m, AlphaFlowConfig) and r.model.name == "DiT-XL/2"
+    assert (m.ratio_fm, m.alpha_start, m.alpha_end, m.alpha_gamma, m.alpha_snap, m.clamp_utgt) == \
+        (0.5, 600_000, 1_000_000, 25.0, 0.005, 4.0)
+    assert (m.guidance.w, m.guidance.kappa, m.guidance.t_min, m.guidance.t_max, m.cond_dropout) == \
+        (0.2, 0.92, 0.0, 0.75, 0.1)
+    assert (r.train.total_steps, r.train.batch_size, r.train.lr, tuple(r.train.betas)) == \
+        (1_200_000, 256, 1e-4, (0.9, 0.95))
+    assert (r.sample.r_mode, r.sample.eta) == ("zero", 1.0)
+    from selfe_cli.sampling.sampler import time_grid
+
+    assert time_grid(2, r.sample.shift, dtype=torch.float64)[1].item() == pytest.approx(0.55)
