@@ -72,7 +72,16 @@ class TwoTimeModel(ModelMixin, ConfigMixin):
             import torch.autograd.forward_ad as fwAD
 
             self.v_sink.append((torch.is_grad_enabled(), fwAD.unpack_dual(v).primal))
+            if torch.is_grad_enabled():
+                self._pending_v = v
         return None
+
+    def _tie_v(self, out: torch.Tensor) -> torch.Tensor:
+        """``out + 0 v`` after a recorded v-head output: the same values and gradients, but the v-head is in the
+        graph of what the forward returns, so DDP with ``find_unused_parameters`` (which searches that graph)
+        does not mark the v-head's parameters unused before the v-loss reaches them."""
+        v = self.__dict__.pop("_pending_v", None)
+        return out if v is None else out + 0 * v
 
     def wants_v(self) -> bool:
         return self.has_v_head and (self.output_head == "v" or self.v_sink is not None)

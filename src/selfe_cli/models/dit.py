@@ -192,4 +192,4 @@ class DiT(TwoTimeModel):
         for block in self.blocks[split:]:
             tokens = block(tokens, c, context, mask)
         out = self.final_layer(tokens, c)  # (N, T, p*p*C)
-        return self.unpatchify(out, hh // p, ww // p).to(x.dtype)
+        return self._tie_v(self.unpatchify(out, hh // p, ww // p).to(x.dtype))

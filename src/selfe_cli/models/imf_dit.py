@@ -248,7 +248,7 @@ class IMFDiT(TwoTimeModel):
                 return v
         for block in self.blocks[split:]:
             seq = block(seq, cos, sin)
-        return self.unpatchify(self.final_layer(seq[:, k:]), hh // p, ww // p).to(x.dtype)
+        return self._tie_v(self.unpatchify(self.final_layer(seq[:, k:]), hh // p, ww // p).to(x.dtype))
 
 
 # Paper sizes (depth x width, heads of 64; official imfDiT configs): 8 v-head blocks on the shared trunk.

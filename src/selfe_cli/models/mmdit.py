@@ -331,7 +331,7 @@ class MMDiT(TwoTimeModel):
                 return v
         img, txt = run(self.blocks[split:], img, txt)
         out = self.final_layer(img, vec)  # (N, Li, p*p*C)
-        return self.unpatchify(out, h, w).to(x.dtype)
+        return self._tie_v(self.unpatchify(out, h, w).to(x.dtype))
 
 
 # Presets. Sizes as the paper: 2B = width 2048, 16 heads of 128, 8 double + 16 single, RoPE (16, 56, 56);

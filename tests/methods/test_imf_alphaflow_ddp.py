@@ -1,0 +1,113 @@
+"""iMF and alpha-Flow under DistributedDataParallel (2 gloo processes): the gradients are all-reduced.
+
+As tests/methods/test_meanflow_ddp.py: each rank computes the loss on its half of a fixed global batch through
+a DDP-wrapped network; after ``backward`` its gradients must equal the single-process gradient of the whole
+batch, which the rank-local gradient does not. iMF runs on a DiT with the auxiliary v-head (the v-head output
+comes from the same DDP forward as u); alpha-Flow in its discrete branch and in its JVP branch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from selfe_cli.methods.alphaflow import AlphaFlow, alphaflow_config
+from selfe_cli.methods.imf import IMF, imf_config
+from selfe_cli.models.registry import build_model
+
+WORLD = 2
+N = 8
+NUM_CLASSES = 3
+
+CASES = {  # name -> (method, method config, DDP kwargs)
+    "imf single_pass": ("imf", {"jvp_mode": "single_pass"}, {}),
+    "imf two_pass": ("imf", {"jvp_mode": "two_pass"}, {}),
+    "imf auto+find_unused_parameters": ("imf", {}, {"find_unused_parameters": True}),
+    "alphaflow discrete": ("alphaflow", {"alpha": 0.4, "clamp_utgt": 1.5,
+                                         "guidance": {"w": 0.2, "kappa": 0.5, "t_max": 0.8}}, {}),
+    "alphaflow jvp": ("alphaflow", {"alpha": 0.0, "jvp_mode": "single_pass"}, {}),
+    "alphaflow jvp two_pass": ("alphaflow", {"alpha": 0.0, "jvp_mode": "two_pass",
+                                             "guidance": {"w": 1.0, "kappa": 0.5}}, {}),
+}
+
+
+def _net(method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    extra = {"guidance_embed": True, "aux_v_head_blocks": 1} if method == "imf" else {}
+    net = build_model("dit", sample_size=4, in_channels=2, patch_size=2, hidden_size=16, depth=2, num_heads=2,
+                      time_freq_dim=8, condition="class", num_classes=NUM_CLASSES, **extra)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net.double()
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(123)
+    x0 = torch.randn(N, 2, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(N, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(N, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    r = t * torch.rand(N, generator=g, dtype=torch.float64)
+    r[1::3] = t[1::3]
+    omega = 1 + 7 * torch.rand(N, generator=g, dtype=torch.float64)
+    t_min = 0.5 * torch.rand(N, generator=g, dtype=torch.float64)
+    t_max = 0.5 + 0.5 * torch.rand(N, generator=g, dtype=torch.float64)
+    cond = torch.randint(0, NUM_CLASSES, (N,), generator=g)
+    null = torch.full((N,), NUM_CLASSES)
+    dropped = torch.tensor([False, True, False, False, False, False, True, False])
+    return x0, eps, t, r, omega, t_min, t_max, cond, null, dropped
+
+
+def _loss(method, cfg, net, batch):
+    x0, eps, t, r, omega, t_min, t_max, cond, null, dropped = batch
+    if method == "imf":
+        return IMF(imf_config(**cfg)).loss_from(net, x0, eps, t, r, omega, t_min, t_max, cond, null, dropped).loss
+    return AlphaFlow(alphaflow_config(**cfg)).loss_from(net, x0, eps, t, r, cfg["alpha"], cond, null, dropped).loss
+
+
+def _grads(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in net.parameters()]
+
+
+def _worker(rank: int, init_file: str, error_file: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+        batch = _global_batch()
+        half = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        local = [b[half] for b in batch]
+        for name, (method, cfg, ddp_kwargs) in CASES.items():
+            base = _net(method)
+            ref = copy.deepcopy(base)
+            _loss(method, cfg, ref, batch).backward()
+            alone = copy.deepcopy(base)
+            _loss(method, cfg, alone, local).backward()
+            ddp = DDP(copy.deepcopy(base), **ddp_kwargs)
+            _loss(method, cfg, ddp, local).backward()
+            got, want, unsynced = _grads(ddp.module), _grads(ref), _grads(alone)
+            assert len(got) == len(want) > 0
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+            assert any(not torch.allclose(u, w) for u, w in zip(unsynced, want, strict=True)), name
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(f"{error_file}.{rank}", "w") as fh:
+            fh.write(traceback.format_exc())
+        raise
+
+
+def test_ddp_gradients_equal_single_process_global_batch(tmp_path):
+    init_file = str(tmp_path / "init")
+    error_file = str(tmp_path / "error")
+    try:
+        mp.spawn(_worker, args=(init_file, error_file), nprocs=WORLD, join=True)
+    except Exception:
+        reports = [open(f"{error_file}.{r}").read() for r in range(WORLD) if os.path.exists(f"{error_file}.{r}")]
+        raise AssertionError("\n".join(reports) or "a DDP worker died") from None
