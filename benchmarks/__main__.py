@@ -4,8 +4,8 @@
     python -m benchmarks --suite cpu --only speed
     python -m benchmarks --shapes-runs runs/quickstart runs/quickstart_meanflow runs/quickstart_selfe
 
-Parts: ``quality2d`` (flow matching, MeanFlow, Self-E on 2-D distributions, sliced Wasserstein-2 to the
-truth), ``shapes`` (the three quickstart recipes with one budget, scored by the shapes GenEval suite; or
+Parts: ``quality2d`` (flow matching, MeanFlow, Self-E, alpha-Flow, iMF on 2-D distributions, sliced
+Wasserstein-2 to the truth), ``shapes`` (the five quickstart recipes with one budget, scored by the shapes GenEval suite; or
 already-trained runs with ``--shapes-runs``), ``speed`` (training-step ratios with FLOPs and MFU, sampling
 images/s at 1 NFE, Inception feature throughput, Frechet-distance time). Prints Rich tables and writes
 ``benchmarks/results/<suite>-<device>-<UTC time>.json`` (machine, versions, command, every number) and a

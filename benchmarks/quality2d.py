@@ -97,10 +97,13 @@ class Toy2DBudget:
     projections: int = 1000
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
     datasets: tuple[str, ...] = ("checkerboard", "gmm")
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf")
     # Self-E's resolution shift is defined for latent token counts; on 2-D points every method samples t from
     # the same logit-normal(0, 1) as flow matching
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"selfe": {"time_shift": False}})
+    # iMF feeds omega and the guidance interval to the network (new parameters; unguided here: omega = 1 at
+    # sampling, the network's default); the MLP has no v-head, so iMF runs its headless form (docs/methods.md)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"imf": {"guidance_embed": True}})
 
 
 def _model_kwargs(b: Toy2DBudget) -> dict[str, Any]:
@@ -112,8 +115,8 @@ def train_one(kind: str, method_name: str, b: Toy2DBudget, run_dir: Path, device
     """Train ``method_name`` on ``kind`` with budget ``b``; returns (EMA network, method, seconds)."""
     method = get_method(method_name, b.method_overrides.get(method_name, {}))
     dataset = Toy2DDataset(kind, b.dataset_size, seed=b.seed)
-    torch.manual_seed(b.seed)  # the same initial weights for every method
-    net = build_model("mlp", **_model_kwargs(b))
+    torch.manual_seed(b.seed)  # the same initial weights for every method (iMF's guidance embedder comes last)
+    net = build_model("mlp", **_model_kwargs(b), **b.model_overrides.get(method_name, {}))
     start = time.perf_counter()
     training_loop(run_dir=run_dir, net=net, method=method, dataset=dataset, collate=collate,
                   conditioner=ClassConditioner(NUM_CLASSES), dist=DistInfo(0, 1, 0, device), seed=b.seed,

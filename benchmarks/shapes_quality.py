@@ -1,7 +1,7 @@
 """Quality per step count on the built-in ``shapes`` images, scored by the shapes GenEval suite.
 
 Training goes through the bundled quickstart recipes (``quickstart``, ``quickstart_meanflow``,
-``quickstart_selfe``) and the project's ``train_recipe``. To give every method the same budget, each recipe
+``quickstart_selfe``, ``quickstart_alphaflow``, ``quickstart_imf``) and the project's ``train_recipe``. To give every method the same budget, each recipe
 keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
 guidance rule, r rule) and takes the ``model:`` and ``train:`` sections of the flow-matching quickstart
 (the same U-Net, optimiser, learning rate, EMA), with the run length and batch of the budget. Schedules a
@@ -27,7 +27,8 @@ import torch
 
 from selfe_cli.errors import UserError
 
-QUICKSTARTS = {"flow_matching": "quickstart", "meanflow": "quickstart_meanflow", "selfe": "quickstart_selfe"}
+QUICKSTARTS = {"flow_matching": "quickstart", "meanflow": "quickstart_meanflow", "selfe": "quickstart_selfe",
+               "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf"}
 
 
 @dataclass
@@ -39,8 +40,8 @@ class ShapesBudget:
     n_per_prompt: int = 1       # images per prompt
     seed: int = 0
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe")
-    same_network: bool = True   # all three on the flow-matching quickstart's U-Net (else each recipe's own)
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf")
+    same_network: bool = True   # all on the flow-matching quickstart's U-Net (else each recipe's own)
     precision: str = "fp32"
     compile: bool = False
 
@@ -50,7 +51,7 @@ def _scaled(value: int, recipe_steps: int, total_steps: int) -> int:
 
 
 def budget_recipes(b: ShapesBudget, runs_root: Path) -> dict[str, Any]:
-    """The three quickstart recipes with the shared budget applied (validated ``Recipe`` objects)."""
+    """The quickstart recipes of ``b.methods`` with the shared budget applied (validated ``Recipe`` objects)."""
     from selfe_cli.recipes.loader import find_recipe, parse_recipe, read_yaml
 
     base = read_yaml(find_recipe(QUICKSTARTS["flow_matching"]))
@@ -62,8 +63,11 @@ def budget_recipes(b: ShapesBudget, runs_root: Path) -> dict[str, Any]:
         raw = copy.deepcopy(read_yaml(path))
         recipe_steps = int(raw["train"]["total_steps"])
         if b.same_network:
+            guidance_inputs = raw["model"].get("guidance_embed")  # iMF: omega and the interval enter the network
             raw["model"] = copy.deepcopy(base["model"])
             raw["train"] = copy.deepcopy(base["train"])
+            if guidance_inputs is not None:
+                raw["model"]["guidance_embed"] = guidance_inputs
         train = raw["train"]
         train["warmup_steps"] = _scaled(int(train.get("warmup_steps", 0)), recipe_steps, b.total_steps)
         train.update(total_steps=b.total_steps, batch_size=b.batch_size, checkpoint_every_steps=b.total_steps,

@@ -49,6 +49,7 @@ class MLP(TwoTimeModel):
         time_scale: float = 1000.0,
         condition: ConditionKind = "none",
         num_classes: int = 0,
+        guidance_embed: bool = False,
     ):
         super().__init__()
         if condition == "text":
@@ -59,7 +60,9 @@ class MLP(TwoTimeModel):
         dim = in_channels * sample_size * sample_size
         self.inp = nn.Linear(dim, width)
         self.time_embed = TwoTimeEmbedder(width, time_freq_dim, time_scale=time_scale)
-        self.cond_embedder = ConditionEmbedder(condition, width, num_classes=num_classes)
+        self.cond_embedder = ConditionEmbedder(condition, width, num_classes=num_classes,
+                                               guidance_embed=guidance_embed, freq_dim=time_freq_dim,
+                                               time_scale=time_scale)
         self.blocks = nn.ModuleList([ResidualBlock(width, mlp_ratio) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
