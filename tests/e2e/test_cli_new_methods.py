@@ -34,3 +34,14 @@ def test_train_and_sample(tmp_path, recipe):
     for steps in ("1", "2"):
         selfe("sample", "a red square", "--ckpt", run, "--steps", steps, "--n", "2", *extra, cwd=tmp_path)
         assert (tmp_path / "outputs" / "tiny" / f"a-red-square-{steps}steps" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quickstart_imf", "--set", "model.guidance_embed=false"], "model.guidance_embed: expected true"),
+    (["quickstart_alphaflow", "--set", "method.alpha_snap=0.6"], "method.alpha_snap: expected a value < 0.5"),
+    (["quickstart_imf", "--set", "method.guidance.sample_t_min=0.9", "--set", "method.guidance.sample_t_max=0.1"],
+     "sample_t_min (0.9) exceeds sample_t_max"),
+])
+def test_bad_method_settings_are_one_line(tmp_path, args, message):
+    proc = selfe("train", *args, "--dry-run", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -269,3 +269,24 @@ def test_sampler_feeds_cfg_and_interval_as_a_condition():
     gen.generate_latents([0, 1], [0, 1], steps=2, cfg_scale=8.0)
     assert len(calls) == 2  # one NFE per step
     torch.testing.assert_close(calls[0], torch.tensor([[8.0, 0.4, 0.65]] * 2))
+
+
+def test_mmdit_v_head_duplicates_single_stream_blocks():
+    torch.manual_seed(0)
+    net = build_model("mmdit-tiny", sample_size=8, in_channels=2, patch_size=2, text_width=32, text_layers=1,
+                      text_heads=2, guidance_embed=True, aux_v_head_blocks=1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 2, 8, 8)
+    t = torch.tensor([0.8, 0.4])
+    c = with_guidance(net.null_condition(2), torch.tensor([[3.0, 0.1, 0.9]] * 2))
+    with torch.no_grad(), capture_v(net) as sink:
+        u = net(x, t, 0 * t, c)
+    with torch.no_grad(), output_head(net, "v"):
+        v = net(x, t, 0 * t, c)
+    torch.testing.assert_close(sink[0][1], v)
+    assert type(net.v_blocks[0]).__name__ == "SingleStreamBlock" and not torch.allclose(u, v)
+    net.drop_v_head()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, 0 * t, c), u)
