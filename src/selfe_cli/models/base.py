@@ -122,9 +122,9 @@ class ConditionEmbedder(nn.Module):
     def __init__(self, condition: str, emb_dim: int, *, num_classes: int = 0, text_encoder: str = "tiny",
                  text_width: int = 256, text_layers: int = 4, text_heads: int = 4, text_context_length: int = 77,
                  context_dim: int = 0, pooled_dim: int = 0, context_width: int = 0, use_context: bool = True,
-                 guidance_embed: bool = False, freq_dim: int = 256, time_scale: float = 1000.0):
+                 guidance_embed: bool = False, freq_dim: int = 256):
         super().__init__()
-        self.guidance = GuidanceEmbedder(emb_dim, freq_dim, time_scale=time_scale) if guidance_embed else None
+        self.guidance = GuidanceEmbedder(emb_dim, freq_dim) if guidance_embed else None
         if condition not in ("none", "class", "text"):
             raise ValueError(f"condition must be 'none', 'class' or 'text', got {condition!r}")
         self.condition, self.text_encoder_kind = condition, text_encoder

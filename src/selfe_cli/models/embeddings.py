@@ -96,9 +96,12 @@ class GuidanceEmbedder(nn.Module):
     """iMF's guidance condition ``[omega, t_min, t_max]`` (N, 3) -> a vector: three sinusoid MLPs, summed.
 
     omega enters as ``1 - 1/omega`` (in [0, 1) for omega >= 1, as the official imfDiT); t_min and t_max as they
-    are. Networks add the result to their condition vector (``guidance_embed: true``)."""
+    are. All three go into the sinusoids unscaled (``time_scale = 1``, the official embedding, whatever scale
+    the network uses for its times): the features are then smooth in omega, so scales between or (mildly)
+    beyond the trained ones interpolate. Networks add the result to their condition vector
+    (``guidance_embed: true``)."""
 
-    def __init__(self, out_dim: int, freq_dim: int = 256, *, time_scale: float = 1000.0):
+    def __init__(self, out_dim: int, freq_dim: int = 256, *, time_scale: float = 1.0):
         super().__init__()
         self.omega_embedder = TimestepEmbedder(out_dim, freq_dim, time_scale=time_scale)
         self.t_min_embedder = TimestepEmbedder(out_dim, freq_dim, time_scale=time_scale)

@@ -61,8 +61,7 @@ class MLP(TwoTimeModel):
         self.inp = nn.Linear(dim, width)
         self.time_embed = TwoTimeEmbedder(width, time_freq_dim, time_scale=time_scale)
         self.cond_embedder = ConditionEmbedder(condition, width, num_classes=num_classes,
-                                               guidance_embed=guidance_embed, freq_dim=time_freq_dim,
-                                               time_scale=time_scale)
+                                               guidance_embed=guidance_embed, freq_dim=time_freq_dim)
         self.blocks = nn.ModuleList([ResidualBlock(width, mlp_ratio) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)

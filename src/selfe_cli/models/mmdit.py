@@ -253,7 +253,7 @@ class MMDiT(TwoTimeModel):
             text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
             context_dim=context_dim, pooled_dim=pooled_dim,
             context_width=hidden_size, use_context=True, guidance_embed=guidance_embed,
-            freq_dim=time_freq_dim, time_scale=time_scale)
+            freq_dim=time_freq_dim)
         self.blocks = nn.ModuleList(
             [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, dropout) for _ in range(depth_double)]
             + [SingleStreamBlock(hidden_size, num_heads, mlp_ratio, qk_norm, dropout) for _ in range(depth_single)])

@@ -240,7 +240,7 @@ class UNet(TwoTimeModel):
             text_layers=text_layers, text_heads=text_heads, text_context_length=text_context_length,
             context_dim=context_dim, pooled_dim=pooled_dim,
             context_width=emb_dim, use_context=use_xattn, guidance_embed=guidance_embed,
-            freq_dim=time_freq_dim, time_scale=time_scale)
+            freq_dim=time_freq_dim)
 
         def layer(block: nn.Module, c: int, res: int, attn: bool) -> UNetLayer:
             return UNetLayer(block,
