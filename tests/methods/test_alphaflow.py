@@ -258,3 +258,12 @@ def test_consistency_sampling_renoises_the_x0_prediction():
     from selfe_cli.sampling.sampler import time_grid
 
     torch.testing.assert_close(time_grid(2, shift=11 / 9, dtype=torch.float64)[1].item(), 0.55)
+
+
+def test_sampling_cfg_is_refused_on_trained_in_guidance_but_not_on_imf():
+    """alpha-Flow's guidance is trained into the target (CFG at sampling would guide twice); iMF's --cfg is the
+    network's omega input."""
+    from selfe_cli.recipes.loader import guidance_trained_in, load_recipe
+
+    assert guidance_trained_in(load_recipe("quickstart_alphaflow", check_network=False).method.config)
+    assert not guidance_trained_in(load_recipe("quickstart_imf", check_network=False).method.config)
