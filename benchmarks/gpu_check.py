@@ -43,7 +43,8 @@ DRY_MODELS = {  # --dry-run: the same families, tiny
              "attn_resolutions": [8], "condition": "class", "num_classes": 10},
     "DiT-tiny/2": {"sample_size": 8, "in_channels": 3, "condition": "class", "num_classes": 10},
 }
-# bf16 training: MeanFlow's default (float32 JVP -> two_pass), single_pass, and the one-pass route with a bf16 JVP
+# bf16 training: MeanFlow's default (float32 JVP -> two_pass), two_pass asked for, and the one-pass route with a
+# bf16 JVP
 METHODS = [*speed.TRAIN_METHODS, "meanflow:jvp_dtype=bfloat16"]
 COMPILED_METHODS = ["flow_matching", "meanflow", "meanflow:jvp_dtype=bfloat16"]
 

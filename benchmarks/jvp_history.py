@@ -36,7 +36,7 @@ MODELS = {  # the CPU suite's speed networks (benchmarks/__main__.py)
     "DiT-tiny/2": {"sample_size": 16, "in_channels": 3, "condition": "class", "num_classes": 10},
 }
 DEFAULT_SPECS = ("flow_matching", "old:meanflow", "old:meanflow:memory_saving=true+jvp_only_r_neq_t=true",
-                 "meanflow", "meanflow:jvp_mode=single_pass")
+                 "meanflow", "meanflow:jvp_mode=two_pass")
 
 
 def load_revision(rev: str) -> types.ModuleType:

@@ -36,7 +36,7 @@ from selfe_cli.models.registry import build_model, count_parameters
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
 # method specs: "name" or "name:key=value+key=value" (values parsed as YAML)
-TRAIN_METHODS = ("flow_matching", "meanflow", "meanflow:jvp_mode=single_pass", "selfe")
+TRAIN_METHODS = ("flow_matching", "meanflow", "meanflow:jvp_mode=two_pass", "selfe")
 
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:

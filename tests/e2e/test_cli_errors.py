@@ -446,10 +446,11 @@ def test_dry_run_names_the_jvp_route_and_refuses_an_impossible_one(work, monkeyp
     """MeanFlow's --dry-run says which forward-mode route runs; single_pass under torch.compile is refused."""
     code, out, err = run_inprocess(["train", "quickstart_meanflow", "--dry-run", "--device", "cpu"], work,
                                    monkeypatch, capsys)
-    assert code in (0, None) and "# jvp: two_pass (no dropout" in out, (code, out, err)
+    route = next(line for line in out.splitlines() if line.startswith("# jvp:"))
+    assert code in (0, None) and route.startswith("# jvp: single_pass (one pass") and "dropout" not in route, out
     code, out, err = run_inprocess(["train", "cifar10_meanflow", "--dry-run", "--device", "cpu"], work,
                                    monkeypatch, capsys)  # the CIFAR-10 U-Net has dropout 0.2
-    assert "# jvp: single_pass (active dropout" in out, out
+    assert "# jvp: single_pass (" in out and "dropout mask drawn once" in out, out
     code, out, err = run_inprocess(["train", "quickstart_meanflow", "--dry-run", "--device", "cpu",
                                     "--set", "train.compile=true"], work, monkeypatch, capsys)
     assert "# jvp: two_pass (torch.compile" in out, out

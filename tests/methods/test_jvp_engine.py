@@ -18,10 +18,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from selfe_cli.errors import UserError
 from selfe_cli.methods.jvp import attention_jvp_backend, dual_jvp, plan_jvp, two_time_jvp
+from selfe_cli.methods.row_tangents import row_jvp
 from selfe_cli.models.conditioning import cond_index
 from selfe_cli.models.registry import build_model
 
 REL = 1e-10
+
+
+def engine_jvp(fn, primals, tangents):
+    """The engine's row tangents on every row (``dual_jvp`` is PyTorch's own forward mode, the reference)."""
+    out, tangent, _ = row_jvp(fn, primals, tangents)
+    return out, tangent
 
 
 def _roughen(net: nn.Module, scale: float = 0.05) -> nn.Module:
@@ -78,7 +85,7 @@ def _reference(net, x, t, r, cond, dx, dt, k: int, *, functorch: bool = True):
         if functorch:
             u_head, du_head = torch.func.jvp(f, (x[:k], t[:k]), (dx[:k], dt[:k]))
         else:
-            u_head, du_head = dual_jvp(f, (x[:k], t[:k]), (dx[:k], dt[:k]), fast_linear_tangents=False)
+            u_head, du_head = dual_jvp(f, (x[:k], t[:k]), (dx[:k], dt[:k]))
     if k == x.shape[0]:
         return u_head, du_head
     u_tail = net(x[k:], t[k:], r[k:], cond_index(cond, slice(k, None)))
@@ -152,7 +159,7 @@ def test_engine_all_or_no_rows(k):
     if k == 0:
         assert (du == 0).all()
     else:
-        _, du_ref = dual_jvp(net, (x, t, r, cond), (dx, dt, None, None), fast_linear_tangents=False)
+        _, du_ref = dual_jvp(net, (x, t, r, cond), (dx, dt, None, None))
         assert _rel(du, du_ref) < REL
     with pytest.raises(ValueError, match="jvp_rows"):
         two_time_jvp(net, x, t, r, cond, dx, dt, None, jvp_rows=6)
@@ -164,8 +171,8 @@ def test_activation_rules_equal_pytorch_forward_ad(approximate):
     x = torch.randn(4, 7, dtype=torch.float64) * 3
     dx = torch.randn_like(x)
     for fn in (F.silu, lambda y: F.gelu(y, approximate=approximate)):
-        out, tan = dual_jvp(fn, (x,), (dx,))
-        ref_out, ref_tan = dual_jvp(fn, (x,), (dx,), fast_linear_tangents=False)
+        out, tan = engine_jvp(fn, (x,), (dx,))
+        ref_out, ref_tan = dual_jvp(fn, (x,), (dx,))
         torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
         torch.testing.assert_close(tan, ref_tan, atol=1e-13, rtol=1e-12)
 
@@ -181,8 +188,8 @@ def test_attention_rule_with_mask_equals_pytorch_forward_ad():
     def fn(a, b, c):
         return F.scaled_dot_product_attention(a, b, c, attn_mask=mask)
 
-    out, tan = dual_jvp(fn, (q, k, v), (dq, dk, dv))
-    ref_out, ref_tan = dual_jvp(fn, (q, k, v), (dq, dk, dv), fast_linear_tangents=False)
+    out, tan = engine_jvp(fn, (q, k, v), (dq, dk, dv))
+    ref_out, ref_tan = dual_jvp(fn, (q, k, v), (dq, dk, dv))
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
     torch.testing.assert_close(tan, ref_tan, atol=1e-12, rtol=1e-10)
     assert attention_jvp_backend("cpu") == "explicit"
@@ -192,7 +199,8 @@ def test_plan_picks_two_pass_for_compiled_networks_and_refuses_impossible_reques
     net = _dit()  # dropout 0.2, training mode
     plan = plan_jvp(net)
     assert plan.mode == "single_pass" and "dropout" in plan.describe()
-    assert plan_jvp(_dit().eval()).mode == "two_pass"  # no active dropout: the JVP rows, then one forward
+    plain = plan_jvp(_dit().eval())  # no active dropout: still one pass, the cheapest route
+    assert plain.mode == "single_pass" and "dropout" not in plain.describe()
     compiled = torch.compile(net)  # lazy: nothing is compiled until called
     assert plan_jvp(compiled).mode == "two_pass"
     assert plan_jvp(compiled, "two_pass").reason == "requested"
@@ -201,7 +209,7 @@ def test_plan_picks_two_pass_for_compiled_networks_and_refuses_impossible_reques
     # bf16 training with a float32 JVP: the forward with graph stays in bf16 (two_pass); a bf16 JVP: one pass
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert plan_jvp(net, dtype="float32").mode == "two_pass"
-        assert plan_jvp(net, dtype="bfloat16").mode == "single_pass"  # with dropout
+        assert plan_jvp(net, dtype="bfloat16").mode == "single_pass"
         assert plan_jvp(net, "single_pass", dtype="float32").mode == "single_pass"  # asked for: all in float32
 
 
@@ -218,8 +226,8 @@ def test_triton_attention_jvp_equals_math(dtype):
     def fn(a, b, c):
         return F.scaled_dot_product_attention(a, b, c)
 
-    out, tan = dual_jvp(fn, (q, k, v), (dq, dk, dv))  # TangentOps: the Triton kernel
-    ref_out, ref_tan = dual_jvp(fn, (q, k, v), (dq, dk, dv), fast_linear_tangents=False)  # MATH rule
+    out, tan = engine_jvp(fn, (q, k, v), (dq, dk, dv))  # the engine: the Triton kernel
+    ref_out, ref_tan = dual_jvp(fn, (q, k, v), (dq, dk, dv))  # MATH rule
     tol = {torch.float32: 2e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(tan.float(), ref_tan.float(), atol=tol * 4, rtol=tol * 4)
@@ -249,8 +257,8 @@ def test_arithmetic_with_constants_equals_pytorch_forward_ad(name):
     def fn(y):
         return ARITH[name](y, c)
 
-    out, tan = dual_jvp(fn, (x,), (dx,))
-    ref_out, ref_tan = dual_jvp(fn, (x,), (dx,), fast_linear_tangents=False)
+    out, tan = engine_jvp(fn, (x,), (dx,))
+    ref_out, ref_tan = dual_jvp(fn, (x,), (dx,))
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
     torch.testing.assert_close(tan, ref_tan, atol=1e-14, rtol=1e-12)
     assert tan.abs().max() > 1e-3
@@ -259,10 +267,10 @@ def test_arithmetic_with_constants_equals_pytorch_forward_ad(name):
 def test_dropout_rule_is_the_identity_only_when_nothing_is_dropped():
     x = torch.randn(4, 6, dtype=torch.float64)
     dx = torch.randn_like(x)
-    out, tan = dual_jvp(lambda y: F.dropout(y, 0.0, training=True), (x,), (dx,))
+    out, tan = engine_jvp(lambda y: F.dropout(y, 0.0, training=True), (x,), (dx,))
     assert torch.equal(out, x) and torch.equal(tan, dx)
     torch.manual_seed(0)
-    out, tan = dual_jvp(lambda y: F.dropout(y, 0.5, training=True), (x,), (dx,))
+    out, tan = engine_jvp(lambda y: F.dropout(y, 0.5, training=True), (x,), (dx,))
     kept = out != 0
     assert 0 < kept.sum() < x.numel()  # real dropout: one mask for primal and tangent
     torch.testing.assert_close(tan[kept], 2 * dx[kept], atol=0, rtol=0)

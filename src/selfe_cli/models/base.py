@@ -38,10 +38,6 @@ class TwoTimeModel(ModelMixin, ConfigMixin):
     cond_kind: str = "none"
     in_channels: int
     sample_size: int
-    # Every conv / linear / norm / activation / attention input has the batch as its leading dimension and no
-    # layer mixes batch rows: the JVP engine may then compute tangents on a subset of rows in one pass
-    # (methods/jvp.py; tests/methods/test_jvp_engine.py checks every network family against torch.func.jvp).
-    batch_major_jvp: bool = True
 
     # The auxiliary v-head (iMF): networks built with ``aux_v_head_blocks = k > 0`` duplicate their last k blocks
     # and output layer on the shared trunk as ``v_blocks`` / ``v_final_layer``. ``output_head = "v"`` makes
