@@ -11,7 +11,9 @@ from selfe_cli.models.conditioning import with_guidance
 from selfe_cli.models.embeddings import attention_backend
 from selfe_cli.models.registry import build_model
 
-# iMF paper (Table of model sizes; the sampled network, without the auxiliary v-head): 89M, 174M, 409M, 610M.
+# The sampled network, without the auxiliary v-head, as the paper counts: B/2 89M is the paper's figure (its
+# model table, as quoted by secondary sources); M/2, L/2, XL/2 are the official imfDiT configs' counts (the
+# paper's table for them was not read: check against it).
 PAPER_PARAMS = {"iMF-B/2": 89e6, "iMF-M/2": 174e6, "iMF-L/2": 409e6, "iMF-XL/2": 610e6}
 LAYOUT = {"iMF-B/2": (12, 768), "iMF-M/2": (24, 768), "iMF-L/2": (32, 1024), "iMF-XL/2": (48, 1024)}
 
