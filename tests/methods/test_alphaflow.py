@@ -267,3 +267,13 @@ def test_sampling_cfg_is_refused_on_trained_in_guidance_but_not_on_imf():
 
     assert guidance_trained_in(load_recipe("quickstart_alphaflow", check_network=False).method.config)
     assert not guidance_trained_in(load_recipe("quickstart_imf", check_network=False).method.config)
+
+
+def test_alpha_positive_without_discrete_rows_is_flow_matching():
+    """alpha > 0 on a batch of r = t rows only: no extra forward, the target is v~ (no JVP either)."""
+    net = Affine()
+    x0, eps, t, _ = _batch()
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    out = AlphaFlow(alphaflow_config(alpha=0.5)).loss_from(net, x0, eps, t, t.clone(), 0.5)
+    assert len(calls) == 1 and float(out.logs["frac_discrete"]) == 0.0

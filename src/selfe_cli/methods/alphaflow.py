@@ -140,19 +140,20 @@ class AlphaFlow(Method):
         ``r < t`` rows (one forward without graph at ``(z - dt v~, t - dt, r)``, none at alpha = 1)."""
         dt = alpha * (t - r)  # (N,)
         discrete = dt > 0
-        if not bool(discrete.any()):
+        if alpha == 0.0:  # decided by alpha, not by the rows: every FSDP rank takes the same branch
             u, u_tgt = self._meanflow.u_and_target(net, z, t, r, cond_in, v_tan)
             return u, u_tgt, discrete
         u_tgt = v_tan.clone()
         rows, real = rows_or_placeholder(discrete.nonzero().squeeze(1), is_sharded(net))
-        tk, rk, dk, vk = (x.index_select(0, rows) for x in (t, r, dt, v_tan))
-        u_next = None
-        if alpha < 1.0:
-            zk = as_jvp_input(z.index_select(0, rows) - bcast(dk, vk) * vk)
-            with torch.no_grad(), jvp_precision(z.device, self.config.jvp_dtype):
-                u_next = unwrap(net)(zk, tk - dk, rk, cond_index(cond_in, rows))
-        if real:
-            u_tgt = u_tgt.index_copy(0, rows, discrete_target(vk, u_next, tk, rk, dk, self.config.clamp_utgt))
+        if rows is not None:
+            tk, rk, dk, vk = (x.index_select(0, rows) for x in (t, r, dt, v_tan))
+            u_next = None
+            if alpha < 1.0:
+                zk = as_jvp_input(z.index_select(0, rows) - bcast(dk, vk) * vk)
+                with torch.no_grad(), jvp_precision(z.device, self.config.jvp_dtype):
+                    u_next = unwrap(net)(zk, tk - dk, rk, cond_index(cond_in, rows))
+            if real:
+                u_tgt = u_tgt.index_copy(0, rows, discrete_target(vk, u_next, tk, rk, dk, self.config.clamp_utgt))
         u = net(z, t, r, cond_in)
         return u, u_tgt.detach(), discrete
 
