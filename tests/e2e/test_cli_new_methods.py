@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from .conftest import HERE, selfe
@@ -45,3 +46,26 @@ def test_train_and_sample(tmp_path, recipe):
 def test_bad_method_settings_are_one_line(tmp_path, args, message):
     proc = selfe("train", *args, "--dry-run", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("tiny_imf.yaml", []),
+    ("tiny_alphaflow.yaml", ["method.alpha_start=1", "method.alpha_end=4"]),  # discrete, then JVP steps
+], ids=["dit-imf-vhead", "unet-alphaflow"])
+def test_fsdp_two_processes_equal_one_process(tmp_path, recipe, extra):
+    """One sample per rank: the ranks disagree on guided, discrete and r != t rows, yet make the same calls."""
+    from .test_cli_fsdp import last_checkpoint, torchrun
+
+    steps = 4
+    common = [f"train.total_steps={steps}", "train.batch_size=2", "train.sample_every_steps=0",
+              f"train.checkpoint_every_steps={steps}", *extra]
+    single = tmp_path / "single"
+    selfe("train", HERE / recipe, "--set", f"run.dir={single}", "--set", "train.grad_accum_rounds=2",
+          *[a for o in common for a in ("--set", o)], "-q", cwd=tmp_path)
+    sharded = tmp_path / "fsdp"
+    torchrun(HERE / recipe, sharded, *common, cwd=tmp_path)
+    want = load_file(str(last_checkpoint(single) / "model.safetensors"))
+    got = load_file(str(last_checkpoint(sharded) / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=2e-6, msg=key)
