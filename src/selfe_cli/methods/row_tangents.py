@@ -88,7 +88,7 @@ def _attach(p: _Pass, out: torch.Tensor, tangent: torch.Tensor, bd: int | None) 
         bd = None
     if tangent.dtype != out.dtype:
         tangent = tangent.to(out.dtype)
-    setattr(out, _ATTR, (p, tangent.detach(), bd))
+    setattr(out, _ATTR, (p, tangent, bd))  # computed under no_grad: nothing to detach
     p.tagged.append(weakref.ref(out))
 
 
@@ -105,8 +105,8 @@ def _full(p: _Pass, x: torch.Tensor, e: tuple[torch.Tensor, int | None]) -> torc
 def _rows(p: _Pass, x: Any, dim: int) -> Any:
     """The first k entries of ``x`` along ``dim`` where it has the batch's size there; else ``x`` (broadcast)."""
     if isinstance(x, torch.Tensor) and 0 <= dim < x.dim() and x.shape[dim] == p.n:
-        return x.detach().narrow(dim, 0, p.k)
-    return x.detach() if isinstance(x, torch.Tensor) else x
+        return x.narrow(dim, 0, p.k)
+    return x
 
 
 def _norm_dim(d: int, ndim: int) -> int:
@@ -114,8 +114,8 @@ def _norm_dim(d: int, ndim: int) -> int:
 
 
 # ----------------------------------------------------------------------------- rules
-# Each rule: (pass, func, args, kwargs, entries) -> output (with the tangent attached), or NotImplemented to
-# use PyTorch's forward-mode rule. ``entries`` maps argument positions / names to (tangent, bd).
+# Each rule: (pass, func, args, kwargs) -> output (with the tangent attached), or NotImplemented to use PyTorch's
+# forward-mode rule. Tangents are computed under ``no_grad`` (inputs need no ``detach``: nothing is recorded).
 
 
 def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], defaults: tuple) -> list[Any]:
@@ -183,7 +183,7 @@ def _group_norm_rule(p, func, args, kwargs):  # noqa: ANN001, ANN202
     hw = x.numel() // max(n * c, 1)
     out, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)  # (N, G) stats
     with torch.no_grad():
-        xs, mean, rstd = x.detach(), mean.detach(), rstd.detach()
+        xs = x
         if bd == 0:
             xs, mean, rstd = xs[:p.k], mean[:p.k], rstd[:p.k]
         d = tangent.to(x.dtype)
@@ -195,7 +195,7 @@ def _group_norm_rule(p, func, args, kwargs):  # noqa: ANN001, ANN202
         if channels_last:
             d = d.contiguous(memory_format=torch.channels_last)
         if weight is not None:
-            d = d * weight.detach().view((1, c) + (1,) * (x.dim() - 2))
+            d = d * weight.view((1, c) + (1,) * (x.dim() - 2))
         _attach(p, out, d, bd)
     return out
 
@@ -211,13 +211,13 @@ def _layer_norm_rule(p, func, args, kwargs):  # noqa: ANN001, ANN202
     tangent, bd = e
     out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)  # (..., 1) stats
     with torch.no_grad():
-        xs, mean, rstd = x.detach(), mean.detach(), rstd.detach()
+        xs = x
         if bd is not None:
             xs, mean, rstd = xs.narrow(bd, 0, p.k), mean.narrow(bd, 0, p.k), rstd.narrow(bd, 0, p.k)
         d = torch.ops.aten.native_layer_norm_backward(tangent.to(x.dtype), xs, shape, mean, rstd, None, None,
                                                       [True, False, False])[0]
         if weight is not None:
-            d = d * weight.detach()
+            d = d * weight
         _attach(p, out, d, bd)
     return out
 
@@ -233,7 +233,7 @@ def _diag_rule(backward: Callable[..., torch.Tensor], names: tuple[str, ...], de
         tangent, bd = e
         out = func(*args, **kwargs)
         with torch.no_grad():
-            x = bound[0].detach() if bd is None else bound[0].detach().narrow(bd, 0, p.k)
+            x = bound[0] if bd is None else bound[0].narrow(bd, 0, p.k)
             _attach(p, out, backward(tangent.to(x.dtype), x, bound), bd)
         return out
     return rule
@@ -254,7 +254,7 @@ def _out_rule(derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         tangent, bd = e
         out = func(*args)
         with torch.no_grad():
-            x, y = args[0].detach(), out.detach()
+            x, y = args[0], out
             if bd is not None:
                 x, y = x.narrow(bd, 0, p.k), y.narrow(bd, 0, p.k)
             _attach(p, out, derivative(x, y) * tangent, bd)
@@ -280,7 +280,7 @@ def _pow_rule(p, func, args, kwargs):  # noqa: ANN001, ANN202
     exponent = args[1]
     out = func(*args)
     with torch.no_grad():
-        x = args[0].detach() if bd is None else args[0].detach().narrow(bd, 0, p.k)
+        x = args[0] if bd is None else args[0].narrow(bd, 0, p.k)
         _attach(p, out, tangent * (exponent * x.pow(exponent - 1)), bd)
     return out
 
@@ -332,7 +332,7 @@ def _arith_rule(p, func, args, kwargs):  # noqa: ANN001, ANN202
         if not isinstance(x, torch.Tensor):
             return x
         if bd is None:
-            return x.detach()
+            return x
         return _rows(p, x, bd - (nd - x.dim()))
 
     with torch.no_grad():
@@ -648,7 +648,7 @@ def _sdpa_rule(p, func, args, kwargs):  # noqa: ANN001, ANN202
             m = _rows(p, mask, 0) if mask is not None and mask.dim() == 4 else mask
             tq, tk, tv = (None if e is None else e[0] for e in (eq, ek, ev))
         else:
-            qs, ks, vs, m = q.detach(), k.detach(), v.detach(), mask
+            qs, ks, vs, m = q, k, v, mask
             tq, tk, tv = (None if e is None else _full(p, a, e) for a, e in ((q, eq), (k, ek), (v, ev)))
         fused = triton_jvp_attention() if q.is_cuda else None
         if fused is not None and m is None and qs.shape == ks.shape == vs.shape \
@@ -801,11 +801,11 @@ def row_jvp(fn: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[t
                 if d.shape[0] != k or d.shape[1:] != a.shape[1:]:
                     raise ValueError(f"a tangent of {k} rows must have shape {(k, *a.shape[1:])}, got "
                                      f"{tuple(d.shape)}")
-                _attach(state, a, d.to(a.dtype), 0)
+                _attach(state, a, d.detach().to(a.dtype), 0)
             else:
                 if d.shape != a.shape:
                     raise ValueError(f"tangent shape {tuple(d.shape)} != primal shape {tuple(a.shape)}")
-                _attach(state, a, d.to(a.dtype), None)
+                _attach(state, a, d.detach().to(a.dtype), None)
         fn_args.append(a)
     try:
         with fwAD.dual_level(), RowTangents(state):
