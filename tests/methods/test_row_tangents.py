@@ -102,6 +102,16 @@ def test_primal_graph_and_no_attribute_outlives_the_pass():
     torch.testing.assert_close(gx, x.grad, atol=1e-12, rtol=1e-10)
 
 
+def test_in_place_update_of_a_view_is_refused_not_miscomputed():
+    def fn(y):
+        h = y * 2
+        h[:, :1].mul_(3)  # the base's tangent would go stale
+        return h
+
+    with pytest.raises(RuntimeError, match="in-place update of a view"):
+        row_jvp(fn, (torch.randn(4, 3),), (torch.randn(2, 3),), rows=2)
+
+
 def test_bad_tangent_shapes_are_refused():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="2 rows"):

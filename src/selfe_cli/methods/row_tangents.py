@@ -405,6 +405,8 @@ def _same_op_rule(new_bd: Callable[..., int | None]):
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
             return NotImplemented
+        if not (out.is_floating_point() or out.is_complex()):  # an integer view / cast: no tangent
+            return out
         nbd = None if bd is None else new_bd(args[0], bd, out, args, kwargs)
         if nbd == -1:
             return NotImplemented
@@ -741,6 +743,11 @@ class RowTangents(TorchFunctionMode):
         d_kwargs = {key: dual(a) for key, a in kwargs.items()}
         if inplace:
             target = args[0]
+            if isinstance(target, torch.Tensor) and target._base is not None:
+                # The tangents of the base and of its other views would go stale: refuse rather than be wrong.
+                raise RuntimeError(
+                    f"{name}: an in-place update of a view inside a forward-mode pass (selfe's JVP engine follows "
+                    f"in-place updates of whole tensors only); write this step of the network out of place")
             if not isinstance(d_args[0], torch.Tensor) or d_args[0] is target:
                 d_args = (fwAD.make_dual(target, torch.zeros_like(target)), *d_args[1:])
             func(*d_args, **d_kwargs)
