@@ -51,6 +51,11 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=spec(ge=1, help="how many recent checkpoints to keep"))
     sample_every_steps: int = field(default=1000, metadata=spec(ge=0, help="sample-grid interval (0: only at the end)"))
     max_nonfinite_in_a_row: int = field(default=20, metadata=spec(ge=1, help="stop after this many skipped non-finite steps in a row"))
+    init_from: str | None = field(default=None, metadata=spec(
+        help="a run directory (or one of its checkpoints/step-* directories) whose weights start this run; "
+             "new runs only, a resumed run continues from its own checkpoint"))
+    init_weights: Literal["ema", "model"] = field(default="ema", metadata=spec(
+        help="which weights of init_from: its first EMA, or the online model"))
 
     def __post_init__(self) -> None:
         if self.warmup_steps > self.total_steps:

@@ -93,6 +93,7 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
     from selfe_cli.models.registry import make_conditioner
     from selfe_cli.sampling.generate import Generator, save_grid
     from selfe_cli.training.distributed import barrier, cleanup, init_distributed
+    from selfe_cli.training.init_from import apply_init_from, check_init_from
     from selfe_cli.training.loop import training_loop
 
     dist = init_distributed(device)
@@ -113,12 +114,16 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
         info = dataset.info
         if dist.is_main:
             check_resume_compatible(run_dir, recipe)
+            check_init_from(recipe, info, run_dir)  # a new run's train.init_from, before anything is written
             run_dir.mkdir(parents=True, exist_ok=True)
             from selfe_cli.training.checkpoint import atomic_write_text
 
             atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         barrier()
         net = build_network(recipe, info)
+        init_note = apply_init_from(recipe, net, run_dir, dist.is_main)  # new runs only: resuming never re-applies it
+        if init_note and dist.is_main and progress:
+            print(f"note: {init_note}", flush=True)
         conditioner = make_conditioner(net, info)
         if hasattr(conditioner, "to"):  # frozen text encoders live on the training device
             conditioner.to(dist.device)
