@@ -97,7 +97,7 @@ class Toy2DBudget:
     projections: int = 1000
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
     datasets: tuple[str, ...] = ("checkerboard", "gmm")
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim")
     # Self-E's resolution shift is defined for latent token counts; on 2-D points every method samples t from
     # the same logit-normal(0, 1) as flow matching
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"selfe": {"time_shift": False}})

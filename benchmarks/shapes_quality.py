@@ -1,7 +1,7 @@
 """Quality per step count on the built-in ``shapes`` images, scored by the shapes GenEval suite.
 
 Training goes through the bundled quickstart recipes (``quickstart``, ``quickstart_meanflow``,
-``quickstart_selfe``, ``quickstart_alphaflow``, ``quickstart_imf``) and the project's ``train_recipe``. To give every method the same budget, each recipe
+``quickstart_selfe``, ``quickstart_alphaflow``, ``quickstart_imf``, ``quickstart_tim``) and the project's ``train_recipe``. To give every method the same budget, each recipe
 keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
 guidance rule, r rule) and takes the ``model:`` and ``train:`` sections of the flow-matching quickstart
 (the same U-Net, optimiser, learning rate, EMA), with the run length and batch of the budget. Schedules a
@@ -28,7 +28,7 @@ import torch
 from selfe_cli.errors import UserError
 
 QUICKSTARTS = {"flow_matching": "quickstart", "meanflow": "quickstart_meanflow", "selfe": "quickstart_selfe",
-               "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf"}
+               "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf", "tim": "quickstart_tim"}
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ShapesBudget:
     n_per_prompt: int = 1       # images per prompt
     seed: int = 0
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim")
     same_network: bool = True   # all on the flow-matching quickstart's U-Net (else each recipe's own)
     precision: str = "fp32"
     compile: bool = False

@@ -16,7 +16,8 @@ NAMES = sorted(bundled_recipes())
 def test_the_bundle_is_complete():
     assert {"quickstart", "quickstart_meanflow", "quickstart_selfe", "cifar10_meanflow", "imagenet256_meanflow_b2",
             "imagenet256_meanflow_xl2", "t2i_selfe_0p5b_256", "t2i_selfe_2b", "quickstart_imf",
-            "quickstart_alphaflow", "imagenet256_imf_b2", "imagenet256_imf_xl2", "imagenet256_alphaflow_xl2"} <= set(NAMES)
+            "quickstart_alphaflow", "imagenet256_imf_b2", "imagenet256_imf_xl2", "imagenet256_alphaflow_xl2",
+            "quickstart_tim", "imagenet256_tim_xl2"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -119,3 +120,28 @@ def test_alphaflow_xl2_recipe_is_the_official_xl2_cfg_experiment():
     from selfe_cli.sampling.sampler import time_grid
 
     assert time_grid(2, r.sample.shift, dtype=torch.float64)[1].item() == pytest.approx(0.55)
+
+
+ZOO_QUICKSTARTS = {"quickstart_tim": "tim"}  # issue 14's methods: the quickstart's network, data and budget
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_QUICKSTARTS))
+def test_zoo_quickstarts_share_the_quickstart_network_data_and_budget(name):
+    first, r = load_recipe("quickstart"), load_recipe(name)
+    assert r.method.name == ZOO_QUICKSTARTS[name]
+    assert (r.model.name, r.model.kwargs) == (first.model.name, first.model.kwargs)
+    assert r.data == first.data and r.train == first.train
+    assert r.sample.grid_prompts == first.sample.grid_prompts
+
+
+def test_tim_xl2_recipe_is_the_official_configuration():
+    from selfe_cli.methods.configs import TiMConfig
+
+    r = load_recipe("imagenet256_tim_xl2")
+    m = r.method.config
+    assert isinstance(m, TiMConfig) and r.model.name == "DiT-XL/2"
+    assert (m.ratio_r_eq_t, m.ratio_r_zero, m.derivative, m.dde_epsilon, m.time_weight, m.time_weight_tangent,
+            m.weight_eps, m.dir_loss) == (0.5, 0.1, "dde", 0.005, "sqrt", True, 1e-5, True)
+    assert (r.train.optimizer, r.train.lr, tuple(r.train.betas), r.train.weight_decay, r.train.batch_size,
+            r.train.grad_clip, r.train.ema_decays, r.train.total_steps) == \
+        ("adamw", 2e-4, (0.9, 0.95), 0.01, 512, 1.0, [0.9999], 750_000)

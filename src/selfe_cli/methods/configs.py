@@ -250,6 +250,48 @@ class IMFConfig:
     jvp_mode: JvpMode = field(default="auto", metadata=spec(help="forward-mode route (as MeanFlow)"))
 
 
+# TiM (2025, WZDTHU/TiM): tim/schedulers/transition.py and transports.py (OT_FM), docs/methods.md
+TimeWeight = Literal["constant", "reciprocal", "sqrt", "square", "soft_min_snr"]
+
+
+@dataclass
+class TiMConfig:
+    """The recipe's ``method:`` section for ``name: tim``. Defaults: the official ``TransitionSchedule`` with the
+    OT_FM transport as the C2I XL/2 configuration uses it (docs/methods.md, TiM options)."""
+
+    time_sampler: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-0.4, 1.0), metadata=spec(help="both time draws; t = max, r = min"))
+    ratio_r_eq_t: float = field(default=0.5, metadata=spec(
+        ge=0, le=1, help="share of rows with r = t, round(ratio * N) (official diffusion_ratio)"))
+    ratio_r_zero: float = field(default=0.1, metadata=spec(
+        ge=0, le=1, help="share of rows with r = 0, round(ratio * N) (official consistency_ratio)"))
+    derivative: Literal["dde", "jvp"] = field(default="dde", metadata=spec(
+        help="dF/dt by the central finite difference along the path (dde: no JVP, works with fused attention "
+             "and FSDP) or by the forward-mode engine (jvp)"))
+    dde_epsilon: float = field(default=0.005, metadata=spec(gt=0, le=0.1, help="finite-difference half-step"))
+    time_weight: TimeWeight = field(default="sqrt", metadata=spec(
+        help="weight of r != t rows as a function of d = t - r: 1/sqrt(d + c) (sqrt), 1/(d + c), 1/(d + c)^2, "
+             "1/(d^2 + c^2) (soft_min_snr), or constant"))
+    time_weight_tangent: bool = field(default=True, metadata=spec(help="d = tan t - tan r (official weight_time_tangent)"))
+    time_weight_c: float = field(default=1.0, metadata=spec(gt=0, help="c in the time weight (OT_FM's sigma_d = 1)"))
+    weight_eps: float = field(default=1e-5, metadata=spec(gt=0, help="adaptive weight 1 / sg(loss_i + eps)"))
+    dir_loss: bool = field(default=True, metadata=spec(
+        help="add 1 - cos(F, F_tgt) over channels, averaged over positions (official use_dir_loss)"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
+    guidance: MeanFlowGuidanceConfig = field(
+        default_factory=MeanFlowGuidanceConfig,
+        metadata=spec(help="enhanced target v' = w v + kappa F(z,t,t|c) + (1 - w - kappa) F(z,t,t|null) on "
+                           "[t_min, t_max] (official w_gt, w_cond, w_start, w_end; _mg configs: w 1, kappa 0.75)"))
+    guidance_weights: Literal["ema", "online"] = field(default="ema", metadata=spec(
+        help="network of the enhanced target's two passes (official: the EMA model)"))
+    jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the DDE / JVP and guidance passes"))
+    jvp_mode: JvpMode = field(default="auto", metadata=spec(help="forward-mode route with derivative: jvp"))
+
+    def __post_init__(self) -> None:
+        if self.ratio_r_eq_t + self.ratio_r_zero > 1 + 1e-9:
+            raise ValueError(f"ratio_r_eq_t + ratio_r_zero ({self.ratio_r_eq_t} + {self.ratio_r_zero}) exceeds 1")
+
+
 # method name -> "module:Class" of its config (imported on first use)
 METHOD_CONFIGS: dict[str, str] = {
     "flow_matching": "selfe_cli.methods.configs:FlowMatchingConfig",
@@ -257,6 +299,7 @@ METHOD_CONFIGS: dict[str, str] = {
     "selfe": "selfe_cli.methods.configs:SelfEConfig",
     "alphaflow": "selfe_cli.methods.configs:AlphaFlowConfig",
     "imf": "selfe_cli.methods.configs:IMFConfig",
+    "tim": "selfe_cli.methods.configs:TiMConfig",
 }
 
 
@@ -267,4 +310,4 @@ def method_config_class(name: str) -> type:
 
 
 __all__ = ["METHOD_CONFIGS", "AlphaFlowConfig", "FlowMatchingConfig", "IMFConfig", "IMFGuidanceConfig", "JvpDtype", "JvpMode", "MeanFlowConfig", "MeanFlowGuidanceConfig",
-           "SelfEConfig", "TimeSamplerConfig", "method_config_class"]
+           "SelfEConfig", "TiMConfig", "TimeSamplerConfig", "method_config_class"]

@@ -7,11 +7,12 @@ from typing import Any
 
 from selfe_cli.methods.alphaflow import AlphaFlow
 from selfe_cli.methods.base import Method
-from selfe_cli.methods.configs import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, SelfEConfig
+from selfe_cli.methods.configs import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, SelfEConfig, TiMConfig
 from selfe_cli.methods.flow_matching import FlowMatching
 from selfe_cli.methods.imf import IMF
 from selfe_cli.methods.meanflow import MeanFlow, MeanFlowConfig
 from selfe_cli.methods.selfe import SelfE
+from selfe_cli.methods.tim import TiM
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ METHODS: dict[str, MethodEntry] = {
     "selfe": MethodEntry(SelfE, SelfEConfig),
     "alphaflow": MethodEntry(AlphaFlow, AlphaFlowConfig),
     "imf": MethodEntry(IMF, IMFConfig),
+    "tim": MethodEntry(TiM, TiMConfig),
 }
 
 
