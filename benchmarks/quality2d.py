@@ -97,10 +97,13 @@ class Toy2DBudget:
     projections: int = 1000
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
     datasets: tuple[str, ...] = ("checkerboard", "gmm")
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect")
     # Self-E's resolution shift is defined for latent token counts; on 2-D points every method samples t from
     # the same logit-normal(0, 1) as flow matching
-    method_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"selfe": {"time_shift": False}})
+    # sCT's tangent warm-up and ECT's stages as their quickstarts place them in a 600-step run (a tenth of it; six
+    # stages) at the default 3,000 steps
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "selfe": {"time_shift": False}, "sct": {"tangent_warmup_steps": 300}, "ect": {"stage_steps": 500}})
     # iMF feeds omega and the guidance interval to the network (new parameters; unguided here: omega = 1 at
     # sampling, the network's default); the MLP has no v-head, so iMF runs its headless form (docs/methods.md)
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"imf": {"guidance_embed": True}})

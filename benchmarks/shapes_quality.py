@@ -1,11 +1,12 @@
 """Quality per step count on the built-in ``shapes`` images, scored by the shapes GenEval suite.
 
 Training goes through the bundled quickstart recipes (``quickstart``, ``quickstart_meanflow``,
-``quickstart_selfe``, ``quickstart_alphaflow``, ``quickstart_imf``, ``quickstart_tim``) and the project's ``train_recipe``. To give every method the same budget, each recipe
-keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
+``quickstart_selfe``, ``quickstart_alphaflow``, ``quickstart_imf``, ``quickstart_tim``, ``quickstart_sct``,
+``quickstart_ect``) and the project's ``train_recipe``. To give every method the same budget, each recipe keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
 guidance rule, r rule) and takes the ``model:`` and ``train:`` sections of the flow-matching quickstart
 (the same U-Net, optimiser, learning rate, EMA), with the run length and batch of the budget. Schedules a
-recipe states in steps (warm-up, Self-E's tau ramp) are scaled with the run length; Self-E's grid shift is
+recipe states in steps (warm-up, Self-E's tau ramp, sCT's tangent warm-up, ECT's stages) are scaled with the
+run length; Self-E's grid shift is
 set to ``e^mu`` of the U-Net's token count, the rule its recipe states for its own network.
 
 Scoring is what ``selfe eval geneval --suite shapes`` does: images in the official GenEval layout
@@ -28,7 +29,8 @@ import torch
 from selfe_cli.errors import UserError
 
 QUICKSTARTS = {"flow_matching": "quickstart", "meanflow": "quickstart_meanflow", "selfe": "quickstart_selfe",
-               "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf", "tim": "quickstart_tim"}
+               "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf", "tim": "quickstart_tim",
+               "sct": "quickstart_sct", "ect": "quickstart_ect"}
 
 
 @dataclass
@@ -40,7 +42,7 @@ class ShapesBudget:
     n_per_prompt: int = 1       # images per prompt
     seed: int = 0
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect")
     same_network: bool = True   # all on the flow-matching quickstart's U-Net (else each recipe's own)
     precision: str = "fp32"
     compile: bool = False
@@ -76,6 +78,10 @@ def budget_recipes(b: ShapesBudget, runs_root: Path) -> dict[str, Any]:
         method = raw["method"]
         if method.get("tau_anneal_steps") is not None:
             method["tau_anneal_steps"] = _scaled(int(method["tau_anneal_steps"]), recipe_steps, b.total_steps)
+        if method.get("tangent_warmup_steps") is not None:  # sCT
+            method["tangent_warmup_steps"] = _scaled(int(method["tangent_warmup_steps"]), recipe_steps, b.total_steps)
+        if method.get("stage_steps") is not None:  # ECT: as many stages as the recipe's run
+            method["stage_steps"] = max(1, _scaled(int(method["stage_steps"]), recipe_steps, b.total_steps))
         raw["data"]["resolution"] = b.resolution
         raw["run"] = {**raw.get("run", {}), "seed": b.seed, "name": f"bench-{name}", "dir": str(runs_root / name)}
         raw.setdefault("sample", {})["grid_size"] = 4  # the end-of-run grid is not part of the benchmark

@@ -17,7 +17,8 @@ def test_the_bundle_is_complete():
     assert {"quickstart", "quickstart_meanflow", "quickstart_selfe", "cifar10_meanflow", "imagenet256_meanflow_b2",
             "imagenet256_meanflow_xl2", "t2i_selfe_0p5b_256", "t2i_selfe_2b", "quickstart_imf",
             "quickstart_alphaflow", "imagenet256_imf_b2", "imagenet256_imf_xl2", "imagenet256_alphaflow_xl2",
-            "quickstart_tim", "imagenet256_tim_xl2"} <= set(NAMES)
+            "quickstart_tim", "imagenet256_tim_xl2", "quickstart_sct", "quickstart_ect", "cifar10_sct",
+            "cifar10_ect"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -122,7 +123,7 @@ def test_alphaflow_xl2_recipe_is_the_official_xl2_cfg_experiment():
     assert time_grid(2, r.sample.shift, dtype=torch.float64)[1].item() == pytest.approx(0.55)
 
 
-ZOO_QUICKSTARTS = {"quickstart_tim": "tim"}  # issue 14's methods: the quickstart's network, data and budget
+ZOO_QUICKSTARTS = {"quickstart_tim": "tim", "quickstart_sct": "sct", "quickstart_ect": "ect"}  # issue 14's methods: the quickstart's network, data and budget
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_QUICKSTARTS))
@@ -145,3 +146,21 @@ def test_tim_xl2_recipe_is_the_official_configuration():
     assert (r.train.optimizer, r.train.lr, tuple(r.train.betas), r.train.weight_decay, r.train.batch_size,
             r.train.grad_clip, r.train.ema_decays, r.train.total_steps) == \
         ("adamw", 2e-4, (0.9, 0.95), 0.01, 512, 1.0, [0.9999], 750_000)
+
+
+def test_cifar10_consistency_recipes():
+    from selfe_cli.methods.configs import ECTConfig, SCTConfig
+    from selfe_cli.sampling.sampler import time_grid
+
+    r = load_recipe("cifar10_ect")
+    m = r.method.config
+    assert isinstance(m, ECTConfig) and r.model.name == "unet-ddpmpp-cifar10" and r.model.kwargs["dropout"] == 0.2
+    assert (m.p_mean, m.p_std, m.q, m.k, m.b, m.stage_steps, m.huber_c) == (-1.1, 2.0, 2.0, 8.0, 1.0, 25_000, 0.0)
+    assert (r.train.batch_size, r.train.lr, r.train.ema_decays, r.train.total_steps) == (128, 1e-4, [0.9999], 400_000)
+    grid = time_grid(2, r.sample.shift, t_start=r.sample.t_start, dtype=torch.float64)
+    assert grid[0] == pytest.approx(80 / 81) and grid[1] == pytest.approx(0.821 / 1.821, abs=1e-4)  # sigma 80, 0.821
+    r = load_recipe("cifar10_sct")
+    m = r.method.config
+    assert isinstance(m, SCTConfig) and (m.time_sampler.mean, m.time_sampler.std) == (-1.0, 1.4)
+    assert (m.ratio_fm, m.tangent_warmup_steps, m.tangent_norm, m.tangent_norm_c) == (0.0, 10_000, "l2", 0.1)
+    assert (r.sample.r_mode, r.sample.eta) == ("zero", 1.0)

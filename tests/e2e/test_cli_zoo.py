@@ -11,7 +11,7 @@ from .conftest import HERE, selfe
 
 pytestmark = pytest.mark.slow
 
-RECIPES = {"tim": "tiny_tim.yaml"}
+RECIPES = {"tim": "tiny_tim.yaml", "sct": "tiny_sct.yaml", "ect": "tiny_ect.yaml"}
 
 
 @pytest.mark.parametrize("method", sorted(RECIPES))
@@ -23,7 +23,8 @@ def test_train_and_sample(tmp_path, method):
     assert metrics and all(m["loss"] > 0 for m in metrics)
     selfe("sample", "a red square", "--ckpt", run, "--steps", "2", "--n", "1", cwd=tmp_path)
     assert (tmp_path / "outputs" / "tiny" / "a-red-square-2steps" / "grid.png").is_file()
-    from selfe_cli.sampling.generate import Generator  # 1 and 4 steps in this process (a CLI start costs seconds)
+    # 1 and 4 steps in this process (a CLI start costs seconds)
+    from selfe_cli.sampling.generate import Generator
 
     gen = Generator.from_run(run, device="cpu")
     for steps in (1, 4):

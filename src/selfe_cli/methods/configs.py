@@ -292,6 +292,49 @@ class TiMConfig:
             raise ValueError(f"ratio_r_eq_t + ratio_r_zero ({self.ratio_r_eq_t} + {self.ratio_r_zero}) exceeds 1")
 
 
+# sCT (Lu & Song 2024, no official code) in its linear-path form, docs/methods.md
+@dataclass
+class SCTConfig:
+    """The recipe's ``method:`` section for ``name: sct``: continuous-time consistency training on the linear path
+    (MeanFlow with r = 0) with the tangent warm-up and normalisation. Defaults: the paper's CIFAR-10 choices as
+    ZOO.md reads them (docs/methods.md, sCT options)."""
+
+    time_sampler: TimeSamplerConfig = field(
+        default_factory=lambda: _lognorm(-1.0, 1.4),
+        metadata=spec(help="distribution of t: sigma = exp(N(P_mean, P_std)), t = sigma / (1 + sigma)"))
+    ratio_fm: float = field(default=0.0, metadata=spec(
+        ge=0, le=1, help="share of flow-matching rows (r = t, target eps - x0); pure sCT 0, ESC's linear variant 0.25"))
+    tangent_warmup_steps: int = field(default=10_000, metadata=spec(
+        ge=0, help="w_k = min(1, step / this) multiplies the t du/dt term of the tangent (0: no warm-up)"))
+    tangent_norm: Literal["l2", "rms", "none"] = field(default="l2", metadata=spec(
+        help="g <- g / (||g|| + c) per sample: L2 over all elements (paper), RMS (ESC's port), or none"))
+    tangent_norm_c: float = field(default=0.1, metadata=spec(gt=0, help="c of the tangent normalisation"))
+    weight_p: float = field(default=1.0, metadata=spec(
+        ge=0, help="MeanFlow's adaptive weight 1/(||delta||^2 + c)^p in place of the learned log-variance (0: off)"))
+    weight_c: float = field(default=1e-3, metadata=spec(gt=0, help="c of the adaptive weight"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
+    jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP pass"))
+    jvp_mode: JvpMode = field(default="auto", metadata=spec(help="forward-mode route (as MeanFlow)"))
+
+
+# ECT (Geng et al. 2024, locuslab/ect training/loss.py), docs/methods.md
+@dataclass
+class ECTConfig:
+    """The recipe's ``method:`` section for ``name: ect``: easy consistency tuning in EDM sigma units, mapped to the
+    linear path by t = sigma / (1 + sigma). Defaults: the official CIFAR-10 run (run_ecm.sh, training/loss.py)."""
+
+    p_mean: float = field(default=-1.1, metadata=spec(help="log sigma_t ~ N(p_mean, p_std) (EDM units)"))
+    p_std: float = field(default=2.0, metadata=spec(gt=0, help="scale of log sigma_t"))
+    q: float = field(default=2.0, metadata=spec(gt=1, help="r_sigma = t_sigma (1 - q^-(stage+1) (1 + k sigmoid(-b t_sigma)))"))
+    k: float = field(default=8.0, metadata=spec(ge=0, help="k of the r schedule"))
+    b: float = field(default=1.0, metadata=spec(help="b of the r schedule"))
+    stage_steps: int = field(default=25_000, metadata=spec(
+        gt=0, help="optimiser steps per stage (official: 3.2M images at batch 128 = 25k)"))
+    huber_c: float = field(default=0.0, metadata=spec(
+        ge=0, help="pseudo-Huber sqrt(||d||^2 + c^2) - c over all elements of a sample (0: unsquared L2, official)"))
+    cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
+
+
 # method name -> "module:Class" of its config (imported on first use)
 METHOD_CONFIGS: dict[str, str] = {
     "flow_matching": "selfe_cli.methods.configs:FlowMatchingConfig",
@@ -300,6 +343,8 @@ METHOD_CONFIGS: dict[str, str] = {
     "alphaflow": "selfe_cli.methods.configs:AlphaFlowConfig",
     "imf": "selfe_cli.methods.configs:IMFConfig",
     "tim": "selfe_cli.methods.configs:TiMConfig",
+    "sct": "selfe_cli.methods.configs:SCTConfig",
+    "ect": "selfe_cli.methods.configs:ECTConfig",
 }
 
 
@@ -310,4 +355,4 @@ def method_config_class(name: str) -> type:
 
 
 __all__ = ["METHOD_CONFIGS", "AlphaFlowConfig", "FlowMatchingConfig", "IMFConfig", "IMFGuidanceConfig", "JvpDtype", "JvpMode", "MeanFlowConfig", "MeanFlowGuidanceConfig",
-           "SelfEConfig", "TiMConfig", "TimeSamplerConfig", "method_config_class"]
+           "ECTConfig", "SCTConfig", "SelfEConfig", "TiMConfig", "TimeSamplerConfig", "method_config_class"]

@@ -7,10 +7,20 @@ from typing import Any
 
 from selfe_cli.methods.alphaflow import AlphaFlow
 from selfe_cli.methods.base import Method
-from selfe_cli.methods.configs import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, SelfEConfig, TiMConfig
+from selfe_cli.methods.configs import (
+    AlphaFlowConfig,
+    ECTConfig,
+    FlowMatchingConfig,
+    IMFConfig,
+    SCTConfig,
+    SelfEConfig,
+    TiMConfig,
+)
+from selfe_cli.methods.ect import ECT
 from selfe_cli.methods.flow_matching import FlowMatching
 from selfe_cli.methods.imf import IMF
 from selfe_cli.methods.meanflow import MeanFlow, MeanFlowConfig
+from selfe_cli.methods.sct import SCT
 from selfe_cli.methods.selfe import SelfE
 from selfe_cli.methods.tim import TiM
 
@@ -28,6 +38,8 @@ METHODS: dict[str, MethodEntry] = {
     "alphaflow": MethodEntry(AlphaFlow, AlphaFlowConfig),
     "imf": MethodEntry(IMF, IMFConfig),
     "tim": MethodEntry(TiM, TiMConfig),
+    "sct": MethodEntry(SCT, SCTConfig),
+    "ect": MethodEntry(ECT, ECTConfig),
 }
 
 

@@ -120,7 +120,8 @@ class Generator:
         # The method gives the landing-time rule; the recipe's `sample:` section gives the rest and may
         # override the rule; explicit arguments override both.
         kw = {"r_mode": self.sampler_defaults.get("r_mode", "next"), "shift": self.sample_cfg.shift,
-              "guidance": self.sample_cfg.guidance, "eta": self.sample_cfg.eta}
+              "guidance": self.sample_cfg.guidance, "eta": self.sample_cfg.eta,
+              "t_start": getattr(self.sample_cfg, "t_start", 1.0)}
         if self.sample_cfg.r_mode is not None:
             kw["r_mode"] = self.sample_cfg.r_mode
         if r_mode is not None:

@@ -28,12 +28,14 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(steps + 1,)`` times from 1 to 0: uniform, then warped by ``shift``."""
+              dtype: torch.dtype = torch.float32, t_start: float = 1.0) -> torch.Tensor:
+    """``(steps + 1,)`` times from ``t_start`` (default 1) to 0: uniform, warped by ``shift``, scaled by ``t_start``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must be in (0, 1], got {t_start}")
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift_time(t, shift).to(device=device, dtype=dtype)
+    return (t_start * shift_time(t, shift)).to(device=device, dtype=dtype)
 
 
 def guided_velocity(net: nn.Module, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Cond,
@@ -75,7 +77,7 @@ def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Co
            steps: int, r_mode: str = "next", cfg_scale: float = 1.0, shift: float = 1.0,
            grid: torch.Tensor | None = None, guidance: str = "standard", eta: float = 0.0,
            generator: torch.Generator | None = None,
-           step_noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+           step_noise: Callable[[int], torch.Tensor] | None = None, t_start: float = 1.0) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0) in ``steps`` network evaluations (x2 with CFG).
 
     ``r_mode``: ``"next"`` lands each step at the next grid time (MeanFlow, Self-E: the network
@@ -89,6 +91,10 @@ def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Co
     step lands at ``(1 - t') x0 + t' (sqrt(1 - eta^2) e + eta z)``, ``z ~ N(0, I)`` from ``step_noise(k)``
     (per-image seeded noise of step k, shaped like x), else from ``generator``, else torch's global RNG.
     eta = 0 is exactly the deterministic update ``x - (t - t') V``; eta = 1 re-noises with fresh noise.
+
+    ``t_start`` < 1 starts the grid below pure noise (ECT's sigma_max = 80 is t = 80/81, IMM's 0.994) from
+    ``x = t_start * noise``: the path's point ``(1 - t) x0 + t eps`` without its data part, as EDM-style samplers
+    start from ``sigma_max * n``.
     """
     if r_mode not in ("next", "same", "mid", "zero"):
         raise ValueError(f"r_mode must be 'next', 'same', 'mid' or 'zero', got {r_mode!r}")
@@ -96,8 +102,8 @@ def sample(net: nn.Module, noise: torch.Tensor, cond: Cond = None, null_cond: Co
         raise ValueError(f"guidance must be 'standard' or 'energy', got {guidance!r}")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    grid = time_grid(steps, shift, noise.device) if grid is None else grid.to(noise.device)
-    x = noise
+    grid = time_grid(steps, shift, noise.device, t_start=t_start) if grid is None else grid.to(noise.device)
+    x = noise if t_start == 1.0 else grid[0].to(noise.dtype) * noise
     n = x.shape[0]
     for k in range(len(grid) - 1):
         t_k, t_next = grid[k], grid[k + 1]
