@@ -2,7 +2,7 @@
 
 Training goes through the bundled quickstart recipes (``quickstart``, ``quickstart_meanflow``,
 ``quickstart_selfe``, ``quickstart_alphaflow``, ``quickstart_imf``, ``quickstart_tim``, ``quickstart_sct``,
-``quickstart_ect``) and the project's ``train_recipe``. To give every method the same budget, each recipe keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
+``quickstart_ect``, ``quickstart_shortcut``) and the project's ``train_recipe``. To give every method the same budget, each recipe keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
 guidance rule, r rule) and takes the ``model:`` and ``train:`` sections of the flow-matching quickstart
 (the same U-Net, optimiser, learning rate, EMA), with the run length and batch of the budget. Schedules a
 recipe states in steps (warm-up, Self-E's tau ramp, sCT's tangent warm-up, ECT's stages) are scaled with the
@@ -18,6 +18,7 @@ Already-trained run directories can be scored instead (``--runs``).
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ from selfe_cli.errors import UserError
 
 QUICKSTARTS = {"flow_matching": "quickstart", "meanflow": "quickstart_meanflow", "selfe": "quickstart_selfe",
                "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf", "tim": "quickstart_tim",
-               "sct": "quickstart_sct", "ect": "quickstart_ect"}
+               "sct": "quickstart_sct", "ect": "quickstart_ect", "shortcut": "quickstart_shortcut"}
 
 
 @dataclass
@@ -42,7 +43,7 @@ class ShapesBudget:
     n_per_prompt: int = 1       # images per prompt
     seed: int = 0
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut")
     same_network: bool = True   # all on the flow-matching quickstart's U-Net (else each recipe's own)
     precision: str = "fp32"
     compile: bool = False
@@ -108,6 +109,15 @@ def label_runs(run_dirs: list[Path]) -> dict[str, Path]:
     return labels
 
 
+def allowed_steps(sampler_defaults: dict[str, Any], k: int) -> int:
+    """``k``, or for a method that samples only with powers of two (Shortcut) the nearest one in log scale up to
+    its finest step (50 -> 64): the column keeps its label, the record its ``steps_used``."""
+    most = sampler_defaults.get("power_of_two_steps")
+    if not most or not k & (k - 1) and k <= most:
+        return k
+    return min(most, 2 ** round(math.log2(k)))
+
+
 def score_run(run_dir: Path, b: ShapesBudget, out_dir: Path, device: torch.device) -> dict[str, Any]:
     """GenEval (shapes suite) summary at each step count for one trained run."""
     from selfe_cli.cli.eval_cmd import generate_layout
@@ -127,12 +137,13 @@ def score_run(run_dir: Path, b: ShapesBudget, out_dir: Path, device: torch.devic
     for k in b.steps:
         folder = out_dir / f"steps-{k}"
         start = time.perf_counter()
-        generate_layout(gen, prompts, folder, steps=k, n_per_prompt=b.n_per_prompt, seed=b.seed, cfg_scale=None,
-                        batch_size=64)
+        generate_layout(gen, prompts, folder, steps=allowed_steps(gen.sampler_defaults, k), n_per_prompt=b.n_per_prompt,
+                        seed=b.seed, cfg_scale=None, batch_size=64)
         gen_s = time.perf_counter() - start
         summary = summarize(evaluate_folder(folder, detector))
         res["steps"][k] = {"overall": summary["overall"], "tags": summary["tags"], "counts": summary["counts"],
-                           "images": summary["images"], "generate_seconds": gen_s}
+                           "images": summary["images"], "generate_seconds": gen_s,
+                           "steps_used": allowed_steps(gen.sampler_defaults, k)}
     return res
 
 

@@ -18,7 +18,7 @@ def test_the_bundle_is_complete():
             "imagenet256_meanflow_xl2", "t2i_selfe_0p5b_256", "t2i_selfe_2b", "quickstart_imf",
             "quickstart_alphaflow", "imagenet256_imf_b2", "imagenet256_imf_xl2", "imagenet256_alphaflow_xl2",
             "quickstart_tim", "imagenet256_tim_xl2", "quickstart_sct", "quickstart_ect", "cifar10_sct",
-            "cifar10_ect"} <= set(NAMES)
+            "cifar10_ect", "quickstart_shortcut", "imagenet256_shortcut_xl2"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -123,7 +123,8 @@ def test_alphaflow_xl2_recipe_is_the_official_xl2_cfg_experiment():
     assert time_grid(2, r.sample.shift, dtype=torch.float64)[1].item() == pytest.approx(0.55)
 
 
-ZOO_QUICKSTARTS = {"quickstart_tim": "tim", "quickstart_sct": "sct", "quickstart_ect": "ect"}  # issue 14's methods: the quickstart's network, data and budget
+ZOO_QUICKSTARTS = {"quickstart_tim": "tim", "quickstart_sct": "sct", "quickstart_ect": "ect",
+                   "quickstart_shortcut": "shortcut"}  # issue 14's methods: the quickstart's network, data and budget
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_QUICKSTARTS))
@@ -164,3 +165,14 @@ def test_cifar10_consistency_recipes():
     assert isinstance(m, SCTConfig) and (m.time_sampler.mean, m.time_sampler.std) == (-1.0, 1.4)
     assert (m.ratio_fm, m.tangent_warmup_steps, m.tangent_norm, m.tangent_norm_c) == (0.0, 10_000, "l2", 0.1)
     assert (r.sample.r_mode, r.sample.eta) == ("zero", 1.0)
+
+
+def test_shortcut_xl2_recipe_is_the_official_configuration():
+    from selfe_cli.methods.configs import ShortcutConfig
+
+    r = load_recipe("imagenet256_shortcut_xl2")
+    m = r.method.config
+    assert isinstance(m, ShortcutConfig) and r.model.name == "DiT-XL/2"
+    assert (m.denoise_timesteps, m.bootstrap_every, m.bootstrap_ema, m.clip, m.cond_dropout) == (128, 8, True, 4.0, 0.1)
+    assert (r.train.optimizer, r.train.lr, tuple(r.train.betas), r.train.weight_decay, r.train.batch_size,
+            r.train.total_steps, r.train.ema_decays) == ("adamw", 1e-4, (0.9, 0.999), 0.1, 256, 810_000, [0.999])

@@ -335,6 +335,31 @@ class ECTConfig:
     cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
 
 
+# Shortcut models (Frans et al. 2024, kvfrans/shortcut-models targets_shortcut.py), docs/methods.md
+@dataclass
+class ShortcutConfig:
+    """The recipe's ``method:`` section for ``name: shortcut``. Defaults: the official ImageNet settings
+    (docs/methods.md, Shortcut options)."""
+
+    denoise_timesteps: int = field(default=128, metadata=spec(
+        ge=2, le=2**20, help="finest step 1/this (a power of two): the flow-matching rows' step and time grid"))
+    bootstrap_every: int = field(default=8, metadata=spec(
+        ge=1, help="one row in this many is a self-consistency (bootstrap) row; the others flow matching"))
+    bootstrap_ema: bool = field(default=True, metadata=spec(
+        help="the bootstrap target's two half steps come from the EMA network (official bootstrap_ema 1)"))
+    bootstrap_cfg_scale: float = field(default=1.0, metadata=spec(
+        ge=0, help="guided half steps v_u + s (v_c - v_u) on the finest bootstrap rows (official bootstrap_cfg with "
+                   "scale 1.5; 1: off)"))
+    clip: float | None = field(default=4.0, metadata=spec(
+        gt=0, help="clip the half-step point and the target to +-this (official 4; null: off)"))
+    cond_dropout: float = field(default=0.1, metadata=spec(
+        ge=0, le=1, help="null-condition rate on the flow-matching rows (bootstrap rows keep their label)"))
+
+    def __post_init__(self) -> None:
+        if self.denoise_timesteps & (self.denoise_timesteps - 1):
+            raise ValueError(f"denoise_timesteps: expected a power of two, got {self.denoise_timesteps}")
+
+
 # method name -> "module:Class" of its config (imported on first use)
 METHOD_CONFIGS: dict[str, str] = {
     "flow_matching": "selfe_cli.methods.configs:FlowMatchingConfig",
@@ -345,6 +370,7 @@ METHOD_CONFIGS: dict[str, str] = {
     "tim": "selfe_cli.methods.configs:TiMConfig",
     "sct": "selfe_cli.methods.configs:SCTConfig",
     "ect": "selfe_cli.methods.configs:ECTConfig",
+    "shortcut": "selfe_cli.methods.configs:ShortcutConfig",
 }
 
 
@@ -355,4 +381,4 @@ def method_config_class(name: str) -> type:
 
 
 __all__ = ["METHOD_CONFIGS", "AlphaFlowConfig", "FlowMatchingConfig", "IMFConfig", "IMFGuidanceConfig", "JvpDtype", "JvpMode", "MeanFlowConfig", "MeanFlowGuidanceConfig",
-           "ECTConfig", "SCTConfig", "SelfEConfig", "TiMConfig", "TimeSamplerConfig", "method_config_class"]
+           "ECTConfig", "SCTConfig", "SelfEConfig", "ShortcutConfig", "TiMConfig", "TimeSamplerConfig", "method_config_class"]

@@ -14,6 +14,7 @@ from selfe_cli.methods.configs import (
     IMFConfig,
     SCTConfig,
     SelfEConfig,
+    ShortcutConfig,
     TiMConfig,
 )
 from selfe_cli.methods.ect import ECT
@@ -22,6 +23,7 @@ from selfe_cli.methods.imf import IMF
 from selfe_cli.methods.meanflow import MeanFlow, MeanFlowConfig
 from selfe_cli.methods.sct import SCT
 from selfe_cli.methods.selfe import SelfE
+from selfe_cli.methods.shortcut import Shortcut
 from selfe_cli.methods.tim import TiM
 
 
@@ -40,6 +42,7 @@ METHODS: dict[str, MethodEntry] = {
     "tim": MethodEntry(TiM, TiMConfig),
     "sct": MethodEntry(SCT, SCTConfig),
     "ect": MethodEntry(ECT, ECTConfig),
+    "shortcut": MethodEntry(Shortcut, ShortcutConfig),
 }
 
 

@@ -176,6 +176,16 @@ def check_guidance(recipe: Recipe) -> None:
                                               "sampling CFG would apply guidance twice", recipe.source)
 
 
+def check_sample_steps(recipe: Recipe) -> None:
+    """A shortcut model samples with a power of two steps up to its finest trained step (``denoise_timesteps``)."""
+    if recipe.method.name != "shortcut":
+        return
+    steps, most = recipe.sample.steps, recipe.method.config.denoise_timesteps
+    if steps & (steps - 1) or steps > most:
+        raise ConfigError("sample.steps", f"expected a power of two up to {most} for method shortcut (its trained "
+                                          f"step sizes), got {steps}", recipe.source)
+
+
 def data_info_or_none(data: Any) -> Any:
     """The dataset's ``DatasetInfo`` when the data is there, else None (e.g. latents not encoded yet)."""
     from selfe_cli.data import dataset_info
@@ -239,6 +249,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, *,
     source = str(name_or_path) if Path(name_or_path).is_file() else str(path)
     recipe = parse_recipe(raw, source, default_name=path.stem)
     check_guidance(recipe)
+    check_sample_steps(recipe)
     if check_network:
         check_model(recipe, data_info_or_none(recipe.data))
     return recipe

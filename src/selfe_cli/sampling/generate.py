@@ -117,6 +117,10 @@ class Generator:
         if conds is not None and len(conds) != n:
             raise ValueError(f"{len(conds)} conditions for {n} seeds")
         steps = steps or self.sample_cfg.steps
+        pot = self.sampler_defaults.get("power_of_two_steps")  # Shortcut: only the trained step sizes
+        if pot and (steps & (steps - 1) or steps > pot):
+            raise UserError(f"--steps {steps}: expected a power of two up to {pot} (1, 2, 4, ..., {pot}) for a "
+                            f"shortcut model: its step sizes are trained only there")
         # The method gives the landing-time rule; the recipe's `sample:` section gives the rest and may
         # override the rule; explicit arguments override both.
         kw = {"r_mode": self.sampler_defaults.get("r_mode", "next"), "shift": self.sample_cfg.shift,
