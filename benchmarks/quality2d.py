@@ -97,7 +97,7 @@ class Toy2DBudget:
     projections: int = 1000
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
     datasets: tuple[str, ...] = ("checkerboard", "gmm")
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut", "imm")
     # Self-E's resolution shift is defined for latent token counts; on 2-D points every method samples t from
     # the same logit-normal(0, 1) as flow matching
     # sCT's tangent warm-up and ECT's stages as their quickstarts place them in a 600-step run (a tenth of it; six
@@ -132,8 +132,8 @@ def train_one(kind: str, method_name: str, b: Toy2DBudget, run_dir: Path, device
 
 
 def sampler_kwargs(method: Any, net: Any) -> dict[str, Any]:
-    """The method's own sampler rule (``r_mode``; Self-E also its training time shift)."""
-    return {k: v for k, v in method.sampler_defaults(net).items() if k in ("r_mode", "shift")}
+    """The method's own sampler rule (``r_mode``; Self-E also its training time shift; IMM its start time)."""
+    return {k: v for k, v in method.sampler_defaults(net).items() if k in ("r_mode", "shift", "t_start")}
 
 
 @torch.no_grad()

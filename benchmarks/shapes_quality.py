@@ -2,7 +2,7 @@
 
 Training goes through the bundled quickstart recipes (``quickstart``, ``quickstart_meanflow``,
 ``quickstart_selfe``, ``quickstart_alphaflow``, ``quickstart_imf``, ``quickstart_tim``, ``quickstart_sct``,
-``quickstart_ect``, ``quickstart_shortcut``) and the project's ``train_recipe``. To give every method the same budget, each recipe keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
+``quickstart_ect``, ``quickstart_shortcut``, ``quickstart_imm``) and the project's ``train_recipe``. To give every method the same budget, each recipe keeps its own ``method:`` and ``sample:`` sections (the method's hyperparameters and its sampler: CFG scale,
 guidance rule, r rule) and takes the ``model:`` and ``train:`` sections of the flow-matching quickstart
 (the same U-Net, optimiser, learning rate, EMA), with the run length and batch of the budget. Schedules a
 recipe states in steps (warm-up, Self-E's tau ramp, sCT's tangent warm-up, ECT's stages) are scaled with the
@@ -31,7 +31,8 @@ from selfe_cli.errors import UserError
 
 QUICKSTARTS = {"flow_matching": "quickstart", "meanflow": "quickstart_meanflow", "selfe": "quickstart_selfe",
                "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf", "tim": "quickstart_tim",
-               "sct": "quickstart_sct", "ect": "quickstart_ect", "shortcut": "quickstart_shortcut"}
+               "sct": "quickstart_sct", "ect": "quickstart_ect", "shortcut": "quickstart_shortcut",
+               "imm": "quickstart_imm"}
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ShapesBudget:
     n_per_prompt: int = 1       # images per prompt
     seed: int = 0
     steps: tuple[int, ...] = (1, 2, 4, 8, 50)
-    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut")
+    methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut", "imm")
     same_network: bool = True   # all on the flow-matching quickstart's U-Net (else each recipe's own)
     precision: str = "fp32"
     compile: bool = False

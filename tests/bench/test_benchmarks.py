@@ -90,10 +90,10 @@ def test_the_suite_runs_end_to_end_and_writes_its_records(tmp_path):
     assert record["suite"] == "smoke" and record["command"].endswith("-m benchmarks --suite smoke --out " + str(out))
     assert {"cpu", "torch", "cpu_cores"} <= set(record["machine"]) and record["versions"]["torch"] == torch.__version__
     toy = record["parts"]["quality2d"]["results"]["gmm"]
-    assert set(toy["methods"]) == {"flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut"}
+    assert set(toy["methods"]) == {"flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut", "imm"}
     assert all(math.isfinite(v) for m in toy["methods"].values() for v in m["sw2_class"].values())
     shapes = record["parts"]["shapes"]["results"]
-    assert set(shapes) == {"flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut"}
+    assert set(shapes) == {"flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut", "imm"}
     assert all(0.0 <= shapes[m]["steps"][k]["overall"] <= 1.0 for m in shapes for k in ("1", "2"))
     sp = record["parts"]["speed"]
     ratios = {r["method"]: r["ratio"] for r in sp["train_steps"]}

@@ -18,7 +18,7 @@ def test_the_bundle_is_complete():
             "imagenet256_meanflow_xl2", "t2i_selfe_0p5b_256", "t2i_selfe_2b", "quickstart_imf",
             "quickstart_alphaflow", "imagenet256_imf_b2", "imagenet256_imf_xl2", "imagenet256_alphaflow_xl2",
             "quickstart_tim", "imagenet256_tim_xl2", "quickstart_sct", "quickstart_ect", "cifar10_sct",
-            "cifar10_ect", "quickstart_shortcut", "imagenet256_shortcut_xl2"} <= set(NAMES)
+            "cifar10_ect", "quickstart_shortcut", "imagenet256_shortcut_xl2", "quickstart_imm", "cifar10_imm"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -124,7 +124,7 @@ def test_alphaflow_xl2_recipe_is_the_official_xl2_cfg_experiment():
 
 
 ZOO_QUICKSTARTS = {"quickstart_tim": "tim", "quickstart_sct": "sct", "quickstart_ect": "ect",
-                   "quickstart_shortcut": "shortcut"}  # issue 14's methods: the quickstart's network, data and budget
+                   "quickstart_shortcut": "shortcut", "quickstart_imm": "imm"}  # issue 14's methods: the quickstart's network, data and budget
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_QUICKSTARTS))
@@ -176,3 +176,15 @@ def test_shortcut_xl2_recipe_is_the_official_configuration():
     assert (m.denoise_timesteps, m.bootstrap_every, m.bootstrap_ema, m.clip, m.cond_dropout) == (128, 8, True, 4.0, 0.1)
     assert (r.train.optimizer, r.train.lr, tuple(r.train.betas), r.train.weight_decay, r.train.batch_size,
             r.train.total_steps, r.train.ema_decays) == ("adamw", 1e-4, (0.9, 0.999), 0.1, 256, 810_000, [0.999])
+
+
+def test_cifar10_imm_recipe():
+    from selfe_cli.methods.configs import IMMConfig
+    from selfe_cli.sampling.sampler import time_grid
+
+    r = load_recipe("cifar10_imm")
+    m = r.method.config
+    assert isinstance(m, IMMConfig) and (m.group_size, m.t_max, m.gap_power, m.sigma_d) == (4, 0.994, 12, 0.5)
+    assert r.train.batch_size % m.group_size == 0
+    grid = time_grid(2, r.sample.shift, t_start=r.sample.t_start, dtype=torch.float64)
+    assert grid[0] == pytest.approx(0.994) and grid[1] == pytest.approx(1.4 / 2.4, abs=1e-4)  # eta = 1.4

@@ -12,7 +12,8 @@ from .conftest import HERE, selfe
 
 pytestmark = pytest.mark.slow
 
-RECIPES = {"tim": "tiny_tim.yaml", "sct": "tiny_sct.yaml", "ect": "tiny_ect.yaml", "shortcut": "tiny_shortcut.yaml"}
+RECIPES = {"tim": "tiny_tim.yaml", "sct": "tiny_sct.yaml", "ect": "tiny_ect.yaml", "shortcut": "tiny_shortcut.yaml",
+           "imm": "tiny_imm.yaml"}
 SHORT = ["train.total_steps=3", "train.sample_every_steps=0", "train.checkpoint_every_steps=3", "train.batch_size=4"]
 
 

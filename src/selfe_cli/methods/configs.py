@@ -360,6 +360,24 @@ class ShortcutConfig:
             raise ValueError(f"denoise_timesteps: expected a power of two, got {self.denoise_timesteps}")
 
 
+# IMM (Zhou et al. 2025, lumalabs/imm is inference only; the loss as ZOO.md reads the paper and ESC's imm_loss.py)
+@dataclass
+class IMMConfig:
+    """The recipe's ``method:`` section for ``name: imm``: inductive moment matching (docs/methods.md, IMM)."""
+
+    group_size: int = field(default=4, metadata=spec(
+        ge=2, help="particles per group sharing (s, r, t); the micro-batch must be a multiple (ESC: 4)"))
+    t_max: float = field(default=0.994, metadata=spec(gt=0, lt=1, help="t ~ U(0, t_max); also the sampler's start"))
+    gap_power: int = field(default=12, metadata=spec(
+        ge=0, le=30, help="r = eta^-1(eta_t - eta_max / 2^this), eta = t / (1 - t), at least s"))
+    sigma_d: float = field(default=0.5, metadata=spec(gt=0, help="data scale in the kernel bandwidth |t - s| sigma_d"))
+    weight_a: float = field(default=2.0, metadata=spec(
+        help="w = 1/2 sigmoid(b - lambda) (-dlambda/dt) alpha^a / (alpha^2 + sigma^2) (a = 2 with the stride embedding)"))
+    weight_b: float = field(default=4.0, metadata=spec(help="b of the weight"))
+    cond_dropout: float = field(default=0.1, metadata=spec(
+        ge=0, le=1, help="null-condition rate, per particle"))
+
+
 # method name -> "module:Class" of its config (imported on first use)
 METHOD_CONFIGS: dict[str, str] = {
     "flow_matching": "selfe_cli.methods.configs:FlowMatchingConfig",
@@ -371,6 +389,7 @@ METHOD_CONFIGS: dict[str, str] = {
     "sct": "selfe_cli.methods.configs:SCTConfig",
     "ect": "selfe_cli.methods.configs:ECTConfig",
     "shortcut": "selfe_cli.methods.configs:ShortcutConfig",
+    "imm": "selfe_cli.methods.configs:IMMConfig",
 }
 
 
@@ -381,4 +400,4 @@ def method_config_class(name: str) -> type:
 
 
 __all__ = ["METHOD_CONFIGS", "AlphaFlowConfig", "FlowMatchingConfig", "IMFConfig", "IMFGuidanceConfig", "JvpDtype", "JvpMode", "MeanFlowConfig", "MeanFlowGuidanceConfig",
-           "ECTConfig", "SCTConfig", "SelfEConfig", "ShortcutConfig", "TiMConfig", "TimeSamplerConfig", "method_config_class"]
+           "ECTConfig", "IMMConfig", "SCTConfig", "SelfEConfig", "ShortcutConfig", "TiMConfig", "TimeSamplerConfig", "method_config_class"]

@@ -12,6 +12,7 @@ from selfe_cli.methods.configs import (
     ECTConfig,
     FlowMatchingConfig,
     IMFConfig,
+    IMMConfig,
     SCTConfig,
     SelfEConfig,
     ShortcutConfig,
@@ -20,6 +21,7 @@ from selfe_cli.methods.configs import (
 from selfe_cli.methods.ect import ECT
 from selfe_cli.methods.flow_matching import FlowMatching
 from selfe_cli.methods.imf import IMF
+from selfe_cli.methods.imm import IMM
 from selfe_cli.methods.meanflow import MeanFlow, MeanFlowConfig
 from selfe_cli.methods.sct import SCT
 from selfe_cli.methods.selfe import SelfE
@@ -43,6 +45,7 @@ METHODS: dict[str, MethodEntry] = {
     "sct": MethodEntry(SCT, SCTConfig),
     "ect": MethodEntry(ECT, ECTConfig),
     "shortcut": MethodEntry(Shortcut, ShortcutConfig),
+    "imm": MethodEntry(IMM, IMMConfig),
 }
 
 
