@@ -52,7 +52,7 @@ def train(
     n_params = check_model(rec, info)
     console = Console(soft_wrap=True)
     jvp_plan = None
-    if rec.method.name in ("meanflow", "alphaflow", "imf"):  # the forward-mode route training takes, and why
+    if rec.method.name in ("meanflow", "alphaflow", "imf", "tim", "sct"):  # the forward-mode route training takes
         import os  # (refused here if impossible)
 
         from selfe_cli.methods import build_method
