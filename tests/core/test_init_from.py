@@ -80,3 +80,21 @@ def test_bad_source_is_one_line_and_writes_nothing(source, tmp_path, what, extra
         _train(new, f"train.init_from={target}", *extra, steps=1)
     assert str(err.value).startswith(f"train.init_from: {target}") and "\n" not in str(err.value)
     assert not new.exists()
+
+
+def test_runs_started_before_init_from_existed_still_resume(tmp_path):
+    """A saved recipe.yaml without the init keys (runs from before them) resumes; so does a changed init_from,
+    which a resume never reads."""
+    import yaml
+
+    from selfe_cli.recipes.loader import dump_recipe
+    from selfe_cli.training.run import check_resume_compatible
+
+    rec = load_recipe(TINY, [f"run.dir={tmp_path}", *FAST])
+    saved = yaml.safe_load(dump_recipe(rec))
+    del saved["train"]["init_from"], saved["train"]["init_weights"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    check_resume_compatible(tmp_path, rec)
+    check_resume_compatible(tmp_path, load_recipe(TINY, [f"run.dir={tmp_path}", *FAST, "train.init_from=elsewhere"]))
+    with pytest.raises(UserError, match="train.lr differs"):
+        check_resume_compatible(tmp_path, load_recipe(TINY, [f"run.dir={tmp_path}", *FAST, "train.lr=0.5"]))

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = {
     ("train", "max_nonfinite_in_a_row"), ("train", "compile"), ("run", "name"), ("run", "dir"),
     ("train", "parallel"), ("train", "activation_checkpointing"),  # checkpoints are the same full tensors
     ("data", "max_bad_fraction"),  # bad files are skipped whatever the limit: it only decides when to stop
+    ("train", "init_from"), ("train", "init_weights"),  # they start a new run only; a resume never re-reads them
 }
 
 
