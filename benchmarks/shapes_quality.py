@@ -5,11 +5,11 @@ Training goes through the bundled quickstart recipes (``quickstart``, ``quicksta
 ``quickstart_ect``, ``quickstart_shortcut``, ``quickstart_imm``) and the project's ``train_recipe``. To give
 every method the same budget, each recipe keeps its own ``method:`` and ``sample:`` sections (the method's
 hyperparameters and its sampler: CFG scale, guidance rule, r rule) and takes the ``model:`` and ``train:``
-sections of the flow-matching quickstart (the same U-Net, optimiser, learning rate, EMA), with the run length and
-batch of the budget. Schedules a recipe states in steps (warm-up, Self-E's tau ramp, sCT's tangent warm-up, ECT's
-stages) are scaled with the run length; Self-E's grid shift is set to ``e^mu`` of the U-Net's token count, the rule
-its recipe states for its own network. A method that samples only with powers of two (Shortcut) takes the nearest
-one for other step counts (50 -> 64, recorded as ``steps_used``).
+sections of the flow-matching quickstart (the same U-Net, optimiser, learning rate, EMA), with the run length
+and batch of the budget. Schedules a recipe states in steps (warm-up, Self-E's tau ramp, sCT's tangent warm-
+up, ECT's stages) are scaled with the run length; Self-E's grid shift is set to ``e^mu`` of the U-Net's token
+count, the rule its recipe states for its own network. A method that samples only with powers of two
+(Shortcut) takes the nearest one for other step counts (50 -> 64, recorded as ``steps_used``).
 
 Scoring is what ``selfe eval geneval --suite shapes`` does: images in the official GenEval layout
 (``generate_layout``, image k of prompt i with noise seed ``seed + i n + k``), the CPU shapes detector and
