@@ -88,7 +88,10 @@ SUITES = {
         name="smoke",
         toy=quality2d.Toy2DBudget(total_steps=20, batch_size=64, dataset_size=1000, width=32, depth=1,
                                   eval_samples=500, projections=50, steps=(1, 2), datasets=("gmm",)),
-        shapes=shapes_quality.ShapesBudget(total_steps=4, batch_size=8, resolution=16, per_tag=1, steps=(1, 2)),
+        # shapes: the methods with their own sampling paths (Shortcut's power-of-two grid, IMM's start time) and
+        # the three originals; every method's CLI training and sampling is covered by tests/e2e (suite time)
+        shapes=shapes_quality.ShapesBudget(total_steps=4, batch_size=8, resolution=16, per_tag=1, steps=(1, 2),
+                                           methods=("flow_matching", "meanflow", "selfe", "shortcut", "imm")),
         train_models={"unet": {**_CPU_UNET, "sample_size": 16, "model_channels": 8, "channel_mult": [1, 2],
                                "attn_resolutions": [8]}},
         train_batch=4, train_rounds=1, precision="fp32", compile_variants=False,

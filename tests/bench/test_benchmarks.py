@@ -93,7 +93,7 @@ def test_the_suite_runs_end_to_end_and_writes_its_records(tmp_path):
     assert set(toy["methods"]) == {"flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut", "imm"}
     assert all(math.isfinite(v) for m in toy["methods"].values() for v in m["sw2_class"].values())
     shapes = record["parts"]["shapes"]["results"]
-    assert set(shapes) == {"flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut", "imm"}
+    assert set(shapes) == {"flow_matching", "meanflow", "selfe", "shortcut", "imm"}  # the smoke suite's subset
     assert all(0.0 <= shapes[m]["steps"][k]["overall"] <= 1.0 for m in shapes for k in ("1", "2"))
     sp = record["parts"]["speed"]
     ratios = {r["method"]: r["ratio"] for r in sp["train_steps"]}
