@@ -17,7 +17,7 @@ from diffusers import ConfigMixin, ModelMixin
 from torch import nn
 
 from selfe_cli.models.conditioning import Cond, split_guidance
-from selfe_cli.models.embeddings import GuidanceEmbedder, attention_backend, no_guidance
+from selfe_cli.models.embeddings import GuidanceEmbedder, LogVarHead, attention_backend, no_guidance
 from selfe_cli.models.text import TinyTextEncoder, null_input_ids
 
 ConditionKind = Literal["none", "class", "text"]
@@ -81,6 +81,39 @@ class TwoTimeModel(ModelMixin, ConfigMixin):
 
     def wants_v(self) -> bool:
         return self.has_v_head and (self.output_head == "v" or self.v_sink is not None)
+
+    # sCT's learned log-variance l(t) (``logvar_channels = C > 0``; embeddings.LogVarHead): every network builds it
+    # with ``_build_logvar_head`` as ``logvar_head`` (parameters ``logvar_head.weight`` / ``.bias``; none at C = 0,
+    # so networks and checkpoints without it are unchanged) and ends its forward with ``_finish``. Under grad,
+    # ``_finish`` ties l(t) into the output as ``out + 0 l`` (as ``_tie_v``: the same values and gradients, but
+    # DDP with ``find_unused_parameters`` finds the head in the graph, whichever method trains the network); a
+    # list in ``logvar_sink`` collects ``(grad enabled, l)`` of every forward (methods.sct reads it, as methods.imf
+    # reads ``v_sink``). Sampling runs without grad and without a sink: the head is not evaluated.
+    logvar_sink: list | None = None
+
+    def _build_logvar_head(self, channels: int) -> None:
+        if channels < 0:
+            raise ValueError(f"logvar_channels must be >= 0 (0: no log-variance head), got {channels}")
+        self.logvar_head = LogVarHead(channels) if channels else None
+
+    @property
+    def has_logvar_head(self) -> bool:
+        return getattr(self, "logvar_head", None) is not None
+
+    def _finish(self, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward's output: ``_tie_v``, then the log-variance of the times ``t`` (N,) recorded and tied in.
+        ``l`` depends on ``t`` only and enters the output times zero: it adds nothing to a JVP's tangent (it reads
+        ``t`` detached, so the row-tangent engine computes no tangent for it)."""
+        out = self._tie_v(out)
+        grad = torch.is_grad_enabled()
+        if not self.has_logvar_head or (not grad and self.logvar_sink is None):
+            return out
+        logvar = self.logvar_head(t.detach())  # (N,)
+        if self.logvar_sink is not None:
+            import torch.autograd.forward_ad as fwAD
+
+            self.logvar_sink.append((grad, fwAD.unpack_dual(logvar).primal))
+        return out + (0 * logvar).to(out.dtype).view(-1, *([1] * (out.dim() - 1))) if grad else out
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -94,6 +94,7 @@ class DiT(TwoTimeModel):
         dropout: float = 0.0,
         guidance_embed: bool = False,
         aux_v_head_blocks: int = 0,
+        logvar_channels: int = 0,
     ):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -131,6 +132,7 @@ class DiT(TwoTimeModel):
             if aux_v_head_blocks else None
         self.v_final_layer = FinalLayer(hidden_size, patch_size, self.out_channels) if aux_v_head_blocks else None
         self._init_weights()
+        self._build_logvar_head(logvar_channels)  # sCT's learned log-variance (none at 0)
 
     def _init_weights(self) -> None:
         def basic(module: nn.Module) -> None:
@@ -192,4 +194,4 @@ class DiT(TwoTimeModel):
         for block in self.blocks[split:]:
             tokens = block(tokens, c, context, mask)
         out = self.final_layer(tokens, c)  # (N, T, p*p*C)
-        return self._tie_v(self.unpatchify(out, hh // p, ww // p).to(x.dtype))
+        return self._finish(self.unpatchify(out, hh // p, ww // p).to(x.dtype), t)

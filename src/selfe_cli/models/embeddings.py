@@ -117,6 +117,36 @@ def no_guidance(n: int, device: torch.device | str) -> torch.Tensor:
     return torch.tensor([1.0, 0.0, 1.0], device=device).expand(n, 3)
 
 
+class LogVarHead(nn.Module):
+    """sCT's learned log-variance ``l(t)`` (Lu & Song 2024; EDM2's uncertainty weight, Karras et al. 2024): a scalar
+    per sample, a function of the time only.
+
+    ``c_noise = log(sigma) / 4`` with ``sigma = t / (1 - t)`` (EDM2's noise conditioning, on this package's linear
+    path; ``t`` clamped to [1e-4, 1 - 1e-4]) -> ``sqrt(2) cos(2 pi (f c_noise + phi))`` with fixed random
+    frequencies ``f ~ N(0, 1)`` and phases ``phi ~ U[0, 1)`` (EDM2's ``MPFourier``; drawn from a fixed seed, so
+    they are rebuilt identically and not saved) -> a linear map to one value. The linear map starts at zero
+    (``l = 0``) and takes no draw from the global random stream: building it changes no other weight.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"a log-variance head needs channels >= 1, got {channels}")
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.register_buffer("freqs", torch.randn(channels, generator=g, device="cpu"), persistent=False)
+        self.register_buffer("phases", torch.rand(channels, generator=g, device="cpu"), persistent=False)
+        self.weight = nn.Parameter(torch.zeros(1, channels))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        work = torch.float64 if t.dtype == torch.float64 else torch.float32
+        t = t.to(work).clamp(1e-4, 1 - 1e-4)
+        c_noise = (torch.log(t) - torch.log1p(-t)) / 4  # log(sigma) / 4
+        arg = c_noise[:, None] * self.freqs.to(work)[None] + self.phases.to(work)[None]  # (N, C)
+        feats = math.sqrt(2) * torch.cos(2 * math.pi * arg)
+        return F.linear(feats.to(self.weight.dtype), self.weight, self.bias)[:, 0]  # (N,)
+
+
 def velocity_skip(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """``c_skip(t) = Cov(v, x_t) / Var(x_t) = (t - (1 - t) s^2) / ((1 - t)^2 s^2 + t^2)``, s = sigma_data.
 

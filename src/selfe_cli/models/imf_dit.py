@@ -139,6 +139,7 @@ class IMFDiT(TwoTimeModel):
         rope_theta: float = 10000.0,
         weight_init_constant: float = 0.32,
         token_init_constant: float = 1.0,
+        logvar_channels: int = 0,
     ):
         super().__init__()
         if condition not in ("class", "none"):
@@ -190,6 +191,7 @@ class IMFDiT(TwoTimeModel):
                                        for _ in range(aux_v_head_blocks)]) if aux_v_head_blocks else None
         self.v_final_layer = IMFFinalLayer(d, patch_size * patch_size * self.out_channels) \
             if aux_v_head_blocks else None
+        self._build_logvar_head(logvar_channels)  # sCT's learned log-variance (none at 0)
 
     def null_condition(self, n: int, device: torch.device | str = "cpu") -> Cond:
         if self.cond_kind == "none":
@@ -248,7 +250,7 @@ class IMFDiT(TwoTimeModel):
                 return v
         for block in self.blocks[split:]:
             seq = block(seq, cos, sin)
-        return self._tie_v(self.unpatchify(self.final_layer(seq[:, k:]), hh // p, ww // p).to(x.dtype))
+        return self._finish(self.unpatchify(self.final_layer(seq[:, k:]), hh // p, ww // p).to(x.dtype), t)
 
 
 # Paper sizes (depth x width, heads of 64; official imfDiT configs): 8 v-head blocks on the shared trunk.

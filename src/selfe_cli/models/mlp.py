@@ -50,6 +50,7 @@ class MLP(TwoTimeModel):
         condition: ConditionKind = "none",
         num_classes: int = 0,
         guidance_embed: bool = False,
+        logvar_channels: int = 0,
     ):
         super().__init__()
         if condition == "text":
@@ -67,6 +68,7 @@ class MLP(TwoTimeModel):
         self.out = nn.Linear(width, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self._build_logvar_head(logvar_channels)  # sCT's learned log-variance (none at 0)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         n = x.shape[0]
@@ -81,7 +83,7 @@ class MLP(TwoTimeModel):
             c = c + cond_emb
         for block in self.blocks:
             h = block(h, c)  # (N, D)
-        return self.out(self.norm_out(h)).view_as(x).to(x.dtype)  # (N, C, H, W)
+        return self._finish(self.out(self.norm_out(h)).view_as(x).to(x.dtype), t)  # (N, C, H, W)
 
 
 register_model("mlp", MLP)  # every kwarg configurable; defaults: 2-D points as (2, 1, 1)

@@ -221,6 +221,7 @@ class MMDiT(TwoTimeModel):
         dropout: float = 0.0,
         guidance_embed: bool = False,
         aux_v_head_blocks: int = 0,
+        logvar_channels: int = 0,
     ):
         super().__init__()
         if not 0 <= aux_v_head_blocks <= depth_single:
@@ -263,6 +264,7 @@ class MMDiT(TwoTimeModel):
                                        for _ in range(aux_v_head_blocks)]) if aux_v_head_blocks else None
         self.v_final_layer = FinalLayer(hidden_size, patch_size, self.out_channels) if aux_v_head_blocks else None
         self._init_weights()
+        self._build_logvar_head(logvar_channels)  # sCT's learned log-variance (none at 0)
 
     def _init_weights(self) -> None:
         heads = [self.blocks] + ([self.v_blocks] if self.v_blocks is not None else [])
@@ -331,7 +333,7 @@ class MMDiT(TwoTimeModel):
                 return v
         img, txt = run(self.blocks[split:], img, txt)
         out = self.final_layer(img, vec)  # (N, Li, p*p*C)
-        return self._tie_v(self.unpatchify(out, h, w).to(x.dtype))
+        return self._finish(self.unpatchify(out, h, w).to(x.dtype), t)
 
 
 # Presets. Sizes as the paper: 2B = width 2048, 16 heads of 128, 8 double + 16 single, RoPE (16, 56, 56);

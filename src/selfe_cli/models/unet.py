@@ -215,6 +215,7 @@ class UNet(TwoTimeModel):
         cross_attn_resolutions: tuple[int, ...] | None = None,
         skip_sigma_data: float = 0.0,
         guidance_embed: bool = False,
+        logvar_channels: int = 0,
     ):
         super().__init__()
         if resample not in ("biggan", "conv"):
@@ -291,6 +292,7 @@ class UNet(TwoTimeModel):
         assert not skips
         self.norm_out = group_norm(c)
         self.conv_out = _small_init_(nn.Conv2d(c, out_channels, 3, padding=1))
+        self._build_logvar_head(logvar_channels)  # sCT's learned log-variance (none at 0)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         n, _, hh, ww = x.shape
@@ -320,4 +322,4 @@ class UNet(TwoTimeModel):
         out = self.conv_out(F.silu(self.norm_out(h)))  # (N, Cout, H, W)
         if self.skip_sigma_data > 0:  # V = c_skip(t) x_t + F (off by default: DDPM++ has no input skip)
             out = out + velocity_skip(t, self.skip_sigma_data).view(n, 1, 1, 1) * x
-        return out.to(x.dtype).contiguous()
+        return self._finish(out.to(x.dtype).contiguous(), t)
