@@ -131,7 +131,10 @@ ZOO_QUICKSTARTS = {"quickstart_tim": "tim", "quickstart_sct": "sct", "quickstart
 def test_zoo_quickstarts_share_the_quickstart_network_data_and_budget(name):
     first, r = load_recipe("quickstart"), load_recipe(name)
     assert r.method.name == ZOO_QUICKSTARTS[name]
-    assert (r.model.name, r.model.kwargs) == (first.model.name, first.model.kwargs)
+    kwargs = dict(r.model.kwargs)
+    if name == "quickstart_sct":  # plus the learned log-variance head of sCT's weight
+        assert kwargs.pop("logvar_channels") > 0 and r.method.config.weighting == "logvar"
+    assert (r.model.name, kwargs) == (first.model.name, first.model.kwargs)
     assert r.data == first.data and r.train == first.train
     assert r.sample.grid_prompts == first.sample.grid_prompts
 
@@ -164,6 +167,7 @@ def test_cifar10_consistency_recipes():
     m = r.method.config
     assert isinstance(m, SCTConfig) and (m.time_sampler.mean, m.time_sampler.std) == (-1.0, 1.4)
     assert (m.ratio_fm, m.tangent_warmup_steps, m.tangent_norm, m.tangent_norm_c) == (0.0, 10_000, "l2", 0.1)
+    assert m.weighting == "logvar" and r.model.kwargs["logvar_channels"] > 0  # the paper's learned weight
     assert (r.sample.r_mode, r.sample.eta) == ("zero", 1.0)
 
 

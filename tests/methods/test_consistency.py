@@ -1,5 +1,6 @@
 """sCT and ECT (docs/methods.md, sCT and ECT): closed-form Gaussian stationary points, hand-computed targets on an
-affine network, the tangent warm-up / normalisation, ECT's staged r schedule and shared dropout masks."""
+affine network, the tangent warm-up / normalisation, sCT's learned log-variance weight (its optimum, the network
+head that carries it, the recipe check), ECT's staged r schedule and shared dropout masks."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import math
 import pytest
 import torch
 from test_alphaflow import Affine, GaussianNet, _grad_norm, _rows
+from test_jvp_engine import _inputs, _roughen
 
 from selfe_cli.config import ConfigError
 from selfe_cli.methods.ect import ECT, ect_config, r_sigma, sigma_to_t
-from selfe_cli.methods.sct import SCT, normalise_tangent, sample_t_r, sct_config, warmup_factor
+from selfe_cli.methods.row_tangents import row_jvp
+from selfe_cli.methods.sct import SCT, logvar_loss, normalise_tangent, sample_t_r, sct_config, warmup_factor
+from selfe_cli.models.registry import build_model
 
 
 def _marginal_pair(g: GaussianNet, z: torch.Tensor, t: torch.Tensor):
@@ -70,6 +74,122 @@ def test_sct_schedules_and_rows():
     g = torch.tensor([[3.0, 4.0]]).view(1, 2, 1, 1)
     torch.testing.assert_close(normalise_tangent(g, "l2", 0.1), g / 5.1)
     torch.testing.assert_close(normalise_tangent(g, "rms", 0.1), g / (math.sqrt(12.5) + 0.1))
+
+
+# ----------------------------------------------------------------------------- sCT's learned log-variance
+
+# every network family, small, class-conditional, on the (5, 2, 8, 8) inputs of test_jvp_engine._inputs
+_LOGVAR_NETS = {
+    "unet": dict(name="unet", sample_size=8, in_channels=2, model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                 attn_resolutions=(4,), num_heads=2, time_freq_dim=16),
+    "dit": dict(name="dit", sample_size=8, in_channels=2, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                time_freq_dim=16),
+    "mmdit": dict(name="mmdit", sample_size=8, in_channels=2, patch_size=2, hidden_size=32, num_heads=2,
+                  depth_double=1, depth_single=1, time_freq_dim=16),
+    "mlp": dict(name="mlp", sample_size=8, in_channels=2, width=32, depth=2, time_freq_dim=16),
+    "imf-dit": dict(name="imf-dit", sample_size=8, in_channels=2, patch_size=2, hidden_size=32, depth=2,
+                    num_heads=2, aux_v_head_blocks=1, num_class_tokens=2, num_cfg_tokens=1, num_interval_tokens=1,
+                    num_time_tokens=1, time_freq_dim=16),
+}
+
+
+def _logvar_pair(kind: str, channels: int = 8):
+    """The network without and with the log-variance head, from the same seed (so the same other weights)."""
+    kw = dict(_LOGVAR_NETS[kind])
+    name = kw.pop("name")
+    torch.manual_seed(0)
+    plain = build_model(name, condition="class", num_classes=3, **kw)
+    torch.manual_seed(0)
+    head = build_model(name, condition="class", num_classes=3, logvar_channels=channels, **kw)
+    return plain, head
+
+
+def test_sct_logvar_optimum_is_the_log_mean_squared_residual():
+    """For fixed residuals the loss e^-l m + l (m = ||delta||^2 / D) is smallest at l = log m: zero gradient
+    there, larger loss on either side; through the method, a constant l (the head's bias) is optimal at the log
+    of the batch's mean m, which is what the loss's gradient says."""
+    m = torch.tensor([0.3, 2.0, 0.01], dtype=torch.float64)
+    best = m.log().requires_grad_()
+    (grad,) = torch.autograd.grad(logvar_loss(m, best), best)
+    assert grad.abs().max() < 1e-15
+    for step in (-0.1, 0.1):
+        assert logvar_loss(m, best.detach() + step) > logvar_loss(m, best.detach())
+    # d/dl of e^-l m + l is 1 - e^-l m: at l = 0 the mean of (1 - m) / N
+    zero = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(logvar_loss(m, zero), zero)
+    torch.testing.assert_close(grad, (1 - m) / 3)
+
+    _, net = _logvar_pair("dit")
+    net = _roughen(net.double())
+    x0, _, _, cond, eps, _ = _inputs()
+    t = torch.tensor([0.9, 0.6, 0.3, 0.7, 0.4], dtype=torch.float64)
+    r = torch.tensor([0.0, 0.0, 0.0, 0.7, 0.4], dtype=torch.float64)
+    with torch.no_grad():
+        net.logvar_head.weight.zero_()  # l(t) = bias for every row
+    sct = SCT(sct_config(weighting="logvar", jvp_mode="single_pass"))
+    mse = float(sct.loss_from(net, x0, eps, t, r, cond).logs["mse"])  # mean over rows of ||delta||^2 / D
+    with torch.no_grad():
+        net.logvar_head.bias.fill_(math.log(mse))
+    out = sct.loss_from(net, x0, eps, t, r, cond)
+    torch.testing.assert_close(out.logs["logvar"], torch.tensor(math.log(mse), dtype=torch.float64))
+    grad_b, grad_w = torch.autograd.grad(out.loss, [net.logvar_head.bias, net.logvar_head.weight])
+    assert abs(float(grad_b)) < 1e-12
+    assert float(grad_w.abs().sum()) > 1e-6  # the rows' m differ: l(t) still learns their dependence on t
+
+
+@pytest.mark.parametrize("kind", sorted(_LOGVAR_NETS))
+def test_logvar_head_adds_two_parameters_and_changes_no_output(kind):
+    """logvar_channels 0 builds exactly the network of before (same parameter names, same config otherwise); > 0
+    adds ``logvar_head.weight`` / ``.bias`` and nothing else, changes no other weight drawn from the same seed,
+    and leaves u and the row-tangent JVP unchanged (no fallback rule), with or without grad; under grad the head
+    is in the graph of u (for DDP) with zero gradient."""
+    plain, head = _logvar_pair(kind)
+    assert not plain.has_logvar_head and plain.config.logvar_channels == 0
+    assert not any("logvar" in k for k in plain.state_dict())
+    assert set(head.state_dict()) - set(plain.state_dict()) == {"logvar_head.weight", "logvar_head.bias"}
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, head.state_dict()[key]), key
+    plain, head = _roughen(plain.double()), head.double()
+    head.load_state_dict({**plain.state_dict(), "logvar_head.weight": torch.randn(1, 8, dtype=torch.float64),
+                          "logvar_head.bias": torch.ones(1, dtype=torch.float64)})
+    x, t, r, cond, dx, dt = _inputs()
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, r, cond), head(x, t, r, cond))
+    u_plain = plain(x, t, r, cond)
+    u_head = head(x, t, r, cond)
+    assert torch.equal(u_plain, u_head)
+    grads = torch.autograd.grad(u_head.square().sum(), list(head.logvar_head.parameters()))
+    assert all((g == 0).all() for g in grads)
+    k = 3
+    u1, du1, fb1 = row_jvp(plain, (x, t, r, cond), (dx[:k], dt[:k], None, None), rows=k)
+    sink: list = []
+    head.logvar_sink = sink
+    u2, du2, fb2 = row_jvp(head, (x, t, r, cond), (dx[:k], dt[:k], None, None), rows=k)
+    head.logvar_sink = None
+    assert fb2 == fb1 and torch.equal(u1, u2) and torch.equal(du1, du2)
+    assert len(sink) == 1 and sink[0][0] and torch.equal(sink[0][1], head.logvar_head(t))
+
+
+def test_sct_logvar_weighting_needs_the_head(monkeypatch):
+    """weighting logvar on a network without the head: refused at recipe load (one line naming the key) and by
+    the method; auto takes the head where there is one, else the adaptive weight."""
+    from selfe_cli.models.registry import MODELS
+    from selfe_cli.recipes.loader import check_method_model, load_recipe
+
+    with pytest.raises(ConfigError, match=r"model\.logvar_channels: expected > 0 for method\.weighting logvar") as err:
+        load_recipe("quickstart_sct", ["model.logvar_channels=0"])
+    assert "\n" not in str(err.value)
+    monkeypatch.setitem(MODELS, "headless", lambda sample_size=8: Affine())  # a network without the option
+    with pytest.raises(ConfigError, match="model.name: method.weighting logvar needs a network with a log-var"):
+        check_method_model("sct", "headless", {}, sct_config(weighting="logvar"))
+    load_recipe("quickstart_sct", ["model.logvar_channels=0", "method.weighting=adaptive"])  # accepted
+    assert load_recipe("quickstart_sct").method.config.weighting == "logvar"
+    x0 = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    t = torch.full((4,), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method.weighting: logvar needs"):
+        SCT(sct_config(weighting="logvar")).loss_from(Affine(), x0, torch.randn_like(x0), t, torch.zeros_like(t))
+    auto = SCT(sct_config(jvp_mode="single_pass"))  # weighting auto
+    assert "logvar" not in auto.loss_from(Affine(), x0, torch.randn_like(x0), t, torch.zeros_like(t)).logs
 
 
 # ----------------------------------------------------------------------------- ECT

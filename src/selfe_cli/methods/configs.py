@@ -309,8 +309,12 @@ class SCTConfig:
     tangent_norm: Literal["l2", "rms", "none"] = field(default="l2", metadata=spec(
         help="g <- g / (||g|| + c) per sample: L2 over all elements (paper), RMS (ESC's port), or none"))
     tangent_norm_c: float = field(default=0.1, metadata=spec(gt=0, help="c of the tangent normalisation"))
+    weighting: Literal["auto", "logvar", "adaptive"] = field(default="auto", metadata=spec(
+        help="row weight: logvar = the paper's e^-l(t) ||delta||^2 / D + l(t), l learned by the network (needs "
+             "model.logvar_channels > 0); adaptive = MeanFlow's 1/sg(||delta||^2 + c)^p; auto = logvar where the "
+             "network has the head, else adaptive"))
     weight_p: float = field(default=1.0, metadata=spec(
-        ge=0, help="MeanFlow's adaptive weight 1/(||delta||^2 + c)^p in place of the learned log-variance (0: off)"))
+        ge=0, help="p of MeanFlow's adaptive weight 1/(||delta||^2 + c)^p (weighting adaptive; 0: off)"))
     weight_c: float = field(default=1e-3, metadata=spec(gt=0, help="c of the adaptive weight"))
     cond_dropout: float = field(default=0.1, metadata=spec(ge=0, le=1, help="null-condition rate"))
     jvp_dtype: JvpDtype = field(default="float32", metadata=spec(help="precision of the JVP pass"))

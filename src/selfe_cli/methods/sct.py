@@ -6,19 +6,22 @@ with ``r = 0``. sCT's stabilisers act on the tangent ``g = v - sg(u) - w_k t du/
 direction): the warm-up ``w_k = min(1, step / warmup)`` and the normalisation ``g / (||g|| + c)``; the regression
 target is ``sg(u + g)``. The JVP runs through the package's forward-mode engine (``two_time_jvp``) on the ``r = 0``
 rows; a share ``ratio_fm`` of rows can be flow matching (``r = t``, target ``eps - x0``, ESC's linear variant).
-docs/methods.md, sCT, lists every departure (the learned log-variance weight is replaced by MeanFlow's adaptive
-weight).
+The row weight is the paper's learned log-variance, ``e^{-l(t)} ||u - u_tgt||^2 / D + l(t)`` with ``l`` a head of the
+network (``model.logvar_channels > 0``, ``models.embeddings.LogVarHead``), or MeanFlow's adaptive weight
+(``weighting``). docs/methods.md, sCT, lists every departure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfe_cli.methods.base import LossOutput, Method, drop_condition
+from selfe_cli.methods.base import LossOutput, Method, drop_condition, unwrap
 from selfe_cli.methods.configs import MeanFlowConfig, SCTConfig
 from selfe_cli.methods.jvp import two_time_jvp
 from selfe_cli.methods.meanflow import MeanFlow, adaptive_weight
@@ -48,6 +51,39 @@ def normalise_tangent(g: torch.Tensor, kind: str, c: float) -> torch.Tensor:
     return g / bcast(norm + c, g)
 
 
+def has_logvar_head(net: nn.Module) -> bool:
+    return bool(getattr(unwrap(net), "has_logvar_head", False))
+
+
+@contextlib.contextmanager
+def capture_logvar(net: nn.Module) -> Iterator[list]:
+    """Collect the log-variance ``l(t)`` of the forwards inside (``(grad enabled, tensor)`` per call)."""
+    bare = unwrap(net)
+    sink: list = []
+    bare.logvar_sink = sink
+    try:
+        yield sink
+    finally:
+        bare.logvar_sink = None
+
+
+def logvar_of(sink: list, n: int) -> torch.Tensor | None:
+    """The log-variance of the last forwards of this grad mode that cover ``n`` rows (``two_time_jvp`` ends with the
+    forward(s) of the whole batch, after any JVP pass): (N,), or None if they do not add up to ``n``."""
+    grad, parts, rows = torch.is_grad_enabled(), [], 0
+    for g, lv in reversed(sink):
+        if g == grad and rows < n:
+            parts.append(lv)
+            rows += lv.shape[0]
+    return torch.cat(parts[::-1]) if rows == n else None
+
+
+def logvar_loss(sq_mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``mean_i e^{-l_i} m_i + l_i`` for per-row mean squared errors ``m_i`` (the paper's weight; for fixed ``m``
+    each term is smallest at ``l_i = log m_i``)."""
+    return (torch.exp(-logvar) * sq_mean + logvar).mean()
+
+
 class SCT(Method):
     name = "sct"
 
@@ -75,19 +111,33 @@ class SCT(Method):
         k = int(ct.sum())
         if k and not bool(ct[:k].all()):
             raise ValueError("sct: the rows with r = 0 must come first")
-        u, dudt = two_time_jvp(net, z, t, r, cond_in, v, torch.ones_like(t), None, jvp_rows=k, mode=c.jvp_mode,
-                               dtype=c.jvp_dtype)
+        head = has_logvar_head(net)
+        if c.weighting == "logvar" and not head:
+            raise ValueError("method.weighting: logvar needs a network built with model.logvar_channels > 0")
+        use_logvar = head and c.weighting != "adaptive"
+        with capture_logvar(net) if use_logvar else contextlib.nullcontext([]) as sink:
+            u, dudt = two_time_jvp(net, z, t, r, cond_in, v, torch.ones_like(t), None, jvp_rows=k,
+                                   mode=c.jvp_mode, dtype=c.jvp_dtype)
         work = torch.promote_types(u.dtype, torch.float32)
         u_sg, v_w = u.detach().to(work), v.to(work)
         g = v_w - u_sg - warmup * bcast(t, v_w) * dudt.to(work)  # (t - r) = t on these rows
         g = normalise_tangent(g, c.tangent_norm, c.tangent_norm_c)
         u_tgt = torch.where(bcast(ct, v_w).bool(), u_sg + g, v_w)  # flow-matching rows: eps - x0
         delta = u.to(work) - u_tgt
-        sq = delta.pow(2).flatten(1).sum(1)  # per-sample SUM (MeanFlow's adaptive weight)
-        w = adaptive_weight(sq, c.weight_p, c.weight_c)
-        loss = (w * sq).mean()
+        logvar = None
+        if use_logvar:  # the paper's weight: e^{-l(t)} ||delta||^2 / D + l(t)
+            logvar = logvar_of(sink, z.shape[0])
+            if logvar is None:  # no forward of this grad mode reported it: evaluate the head directly
+                logvar = unwrap(net).logvar_head(t)
+            logvar = logvar.to(work)
+            loss = logvar_loss(delta.pow(2).flatten(1).mean(1), logvar)
+        else:
+            sq = delta.pow(2).flatten(1).sum(1)  # per-sample SUM (MeanFlow's adaptive weight)
+            loss = (adaptive_weight(sq, c.weight_p, c.weight_c) * sq).mean()
         logs = {"loss": loss.detach(), "mse": delta.detach().pow(2).flatten(1).mean(1).mean(),
                 "tangent_warmup": torch.tensor(float(warmup)), "frac_consistency": ct.float().mean()}
+        if logvar is not None:
+            logs["logvar"] = logvar.detach().mean()
         return LossOutput(loss, logs)
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Cond, *, null_cond: Cond, step: int,
@@ -107,4 +157,5 @@ def sct_config(**overrides: Any) -> SCTConfig:
     return from_dict(SCTConfig, overrides, "method")
 
 
-__all__ = ["SCT", "SCTConfig", "normalise_tangent", "sample_t_r", "sct_config", "warmup_factor"]
+__all__ = ["SCT", "SCTConfig", "capture_logvar", "has_logvar_head", "logvar_loss", "logvar_of", "normalise_tangent",
+           "sample_t_r", "sct_config", "warmup_factor"]

@@ -206,15 +206,38 @@ def check_model(recipe: Recipe, info: Any = None) -> int:
     try:
         kwargs = model_kwargs(recipe, info)
         n_params = check_model_kwargs(recipe.model.name, kwargs, list(recipe.model.kwargs))
-        check_method_model(recipe.method.name, recipe.model.name, kwargs)
+        check_method_model(recipe.method.name, recipe.model.name, kwargs, recipe.method.config)
         return n_params
     except ConfigError as err:
         raise err.with_source(recipe.source) from None
 
 
-def check_method_model(method: str, model: str, kwargs: dict[str, Any]) -> None:
+def _model_option(model: str, kwargs: dict[str, Any], key: str) -> Any:
+    """The value ``key`` takes for the recipe's network: set, fixed by the preset, or the default; None if the
+    network has no such option."""
+    import inspect
+
+    from selfe_cli.models.registry import MODELS
+
+    factory = MODELS[model]
+    params = inspect.signature(factory).parameters
+    return kwargs.get(key, getattr(factory, "fixed", {}).get(key, params[key].default if key in params else None))
+
+
+def check_method_model(method: str, model: str, kwargs: dict[str, Any], method_cfg: Any = None) -> None:
     """Network options a method needs: iMF feeds omega and the guidance interval to the network, which must be
-    built with ``guidance_embed: true`` (the iMF-DiT presets are)."""
+    built with ``guidance_embed: true`` (the iMF-DiT presets are); sCT with ``weighting: logvar`` reads the
+    learned log-variance off the network, which must be built with ``logvar_channels > 0``."""
+    if method == "sct" and getattr(method_cfg, "weighting", None) == "logvar":
+        channels = _model_option(model, kwargs, "logvar_channels")
+        if channels is None:
+            raise ConfigError("model.name", f"method.weighting logvar needs a network with a log-variance head "
+                                            f"(logvar_channels); {model} has none")
+        if not channels or channels < 1:
+            raise ConfigError("model.logvar_channels", f"expected > 0 for method.weighting logvar (the learned "
+                                                       f"log-variance l(t) is a head of the network), got "
+                                                       f"{channels!r}; or set method.weighting: adaptive")
+        return
     if method != "imf":
         return
     import inspect
