@@ -1,9 +1,10 @@
-"""iMF and alpha-Flow under DistributedDataParallel (2 gloo processes): the gradients are all-reduced.
+"""iMF, alpha-Flow and sCT under DistributedDataParallel (2 gloo processes): the gradients are all-reduced.
 
 As tests/methods/test_meanflow_ddp.py: each rank computes the loss on its half of a fixed global batch through
 a DDP-wrapped network; after ``backward`` its gradients must equal the single-process gradient of the whole
 batch, which the rank-local gradient does not. iMF runs on a DiT with the auxiliary v-head (the v-head output
-comes from the same DDP forward as u); alpha-Flow in its discrete branch and in its JVP branch.
+comes from the same DDP forward as u); alpha-Flow in its discrete branch and in its JVP branch; sCT with the learned
+log-variance weight (l(t) from the network's head, read off the same DDP forward through ``logvar_sink``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfe_cli.methods.alphaflow import AlphaFlow, alphaflow_config
 from selfe_cli.methods.imf import IMF, imf_config
+from selfe_cli.methods.sct import SCT, sct_config
 from selfe_cli.models.registry import build_model
 
 WORLD = 2
@@ -34,12 +36,15 @@ CASES = {  # name -> (method, method config, DDP kwargs)
     "alphaflow jvp": ("alphaflow", {"alpha": 0.0, "jvp_mode": "single_pass"}, {}),
     "alphaflow jvp two_pass": ("alphaflow", {"alpha": 0.0, "jvp_mode": "two_pass",
                                              "guidance": {"w": 1.0, "kappa": 0.5}}, {}),
+    "sct logvar single_pass": ("sct", {"weighting": "logvar", "jvp_mode": "single_pass"}, {}),
+    "sct logvar two_pass": ("sct", {"weighting": "logvar", "jvp_mode": "two_pass"}, {}),
+    "sct logvar auto+find_unused_parameters": ("sct", {"weighting": "logvar"}, {"find_unused_parameters": True}),
 }
 
 
 def _net(method: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    extra = {"guidance_embed": True, "aux_v_head_blocks": 1} if method == "imf" else {}
+    extra = {"imf": {"guidance_embed": True, "aux_v_head_blocks": 1}, "sct": {"logvar_channels": 8}}.get(method, {})
     net = build_model("dit", sample_size=4, in_channels=2, patch_size=2, hidden_size=16, depth=2, num_heads=2,
                       time_freq_dim=8, condition="class", num_classes=NUM_CLASSES, **extra)
     with torch.no_grad():
@@ -61,11 +66,14 @@ def _global_batch():
     cond = torch.randint(0, NUM_CLASSES, (N,), generator=g)
     null = torch.full((N,), NUM_CLASSES)
     dropped = torch.tensor([False, True, False, False, False, False, True, False])
-    return x0, eps, t, r, omega, t_min, t_max, cond, null, dropped
+    r_sct = torch.where(torch.arange(N) < 6, torch.zeros_like(t), t)  # sCT: r = 0 rows first, then flow matching
+    return x0, eps, t, r, omega, t_min, t_max, cond, null, dropped, r_sct
 
 
 def _loss(method, cfg, net, batch):
-    x0, eps, t, r, omega, t_min, t_max, cond, null, dropped = batch
+    x0, eps, t, r, omega, t_min, t_max, cond, null, dropped, r_sct = batch
+    if method == "sct":
+        return SCT(sct_config(**cfg)).loss_from(net, x0, eps, t, r_sct, cond, null, dropped).loss
     if method == "imf":
         return IMF(imf_config(**cfg)).loss_from(net, x0, eps, t, r, omega, t_min, t_max, cond, null, dropped).loss
     return AlphaFlow(alphaflow_config(**cfg)).loss_from(net, x0, eps, t, r, cfg["alpha"], cond, null, dropped).loss
