@@ -105,8 +105,11 @@ class Toy2DBudget:
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "selfe": {"time_shift": False}, "sct": {"tangent_warmup_steps": 300}, "ect": {"stage_steps": 500}})
     # iMF feeds omega and the guidance interval to the network (new parameters; unguided here: omega = 1 at
-    # sampling, the network's default); the MLP has no v-head, so iMF runs its headless form (docs/methods.md)
-    model_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"imf": {"guidance_embed": True}})
+    # sampling, the network's default); the MLP has no v-head, so iMF runs its headless form (docs/methods.md).
+    # sCT's learned log-variance l(t) is a head of the network (its weighting "auto" then takes the paper's weight;
+    # the head draws nothing from the seeded stream, so the other initial weights stay those of every method)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "imf": {"guidance_embed": True}, "sct": {"logvar_channels": 128}})
 
 
 def _model_kwargs(b: Toy2DBudget) -> dict[str, Any]:

@@ -69,11 +69,11 @@ def budget_recipes(b: ShapesBudget, runs_root: Path) -> dict[str, Any]:
         raw = copy.deepcopy(read_yaml(path))
         recipe_steps = int(raw["train"]["total_steps"])
         if b.same_network:
-            guidance_inputs = raw["model"].get("guidance_embed")  # iMF: omega and the interval enter the network
+            # options a method needs of the network: iMF's guidance inputs, sCT's log-variance head
+            needs = {key: raw["model"][key] for key in ("guidance_embed", "logvar_channels") if key in raw["model"]}
             raw["model"] = copy.deepcopy(base["model"])
             raw["train"] = copy.deepcopy(base["train"])
-            if guidance_inputs is not None:
-                raw["model"]["guidance_embed"] = guidance_inputs
+            raw["model"].update(needs)
         train = raw["train"]
         train["warmup_steps"] = _scaled(int(train.get("warmup_steps", 0)), recipe_steps, b.total_steps)
         train.update(total_steps=b.total_steps, batch_size=b.batch_size, checkpoint_every_steps=b.total_steps,
