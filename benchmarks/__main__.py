@@ -19,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,10 @@ class Suite:
     sample_batch: int
     inception_batch: int
     train_methods: tuple[str, ...] = speed.TRAIN_METHODS
+    # per speed network, the methods timed on it where not all (the CPU suite: the zoo on the U-Net only)
+    model_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
     frechet_dim: int = 2048
+    frechet_scipy: bool = True  # also time scipy.linalg.sqrtm (26 s at 2048-d on an AMD 2-core machine)
 
 
 # The CPU suite's speed networks: the quickstart U-Net (class-conditional here, so every method runs on the
@@ -68,14 +71,21 @@ _GPU_MODELS = {
 }
 
 SUITES = {
+    # The CPU suite: ten methods within about 15 minutes on 2 cores of the slower machine kind (AMD EPYC without
+    # AVX-512). Budgets shrunk for that (docs/benchmarks.md): 2-D on the checkerboard only with a 128-wide MLP
+    # and 800 steps; shapes at 16 px, 250 steps of batch 16, 72 images per step count; the zoo's step
+    # ratios on the U-Net (the DiT keeps the originals'); scipy's sqrtm comparison left to the GPU suite.
     "cpu": lambda: Suite(
         name="cpu",
-        toy=quality2d.Toy2DBudget(total_steps=1500, batch_size=256, eval_samples=10_000, steps=QUALITY_STEPS),
-        shapes=shapes_quality.ShapesBudget(total_steps=250, batch_size=32, per_tag=8, n_per_prompt=2,
+        toy=quality2d.Toy2DBudget(total_steps=800, batch_size=256, width=128, eval_samples=4000, projections=300,
+                                  steps=QUALITY_STEPS, datasets=("checkerboard",)),
+        shapes=shapes_quality.ShapesBudget(total_steps=250, batch_size=16, resolution=16, per_tag=6, n_per_prompt=2,
                                            steps=QUALITY_STEPS),
-        train_models={"unet": _CPU_UNET, "DiT-tiny/2": _CPU_DIT}, train_batch=32, train_rounds=6,
+        train_models={"unet": _CPU_UNET, "DiT-tiny/2": _CPU_DIT}, train_batch=32, train_rounds=5,
+        model_methods={"DiT-tiny/2": speed.ORIGINAL_METHODS},
         precision="fp32", compile_variants=False,
-        sample_models={"unet": _CPU_UNET, "DiT-tiny/2": _CPU_DIT}, sample_batch=64, inception_batch=16),
+        sample_models={"unet": _CPU_UNET, "DiT-tiny/2": _CPU_DIT}, sample_batch=64, inception_batch=16,
+        frechet_scipy=False),
     "gpu": lambda: Suite(
         name="gpu",
         toy=quality2d.Toy2DBudget(total_steps=5000, batch_size=1024, eval_samples=50_000, steps=QUALITY_STEPS),
@@ -95,6 +105,7 @@ SUITES = {
         train_models={"unet": {**_CPU_UNET, "sample_size": 16, "model_channels": 8, "channel_mult": [1, 2],
                                "attn_resolutions": [8]}},
         train_batch=4, train_rounds=1, precision="fp32", compile_variants=False,
+        train_methods=speed.ORIGINAL_METHODS + ("imf",),  # iMF: a method with network options (NETWORK_OPTIONS)
         sample_models={"DiT-tiny/2": {**_CPU_DIT, "sample_size": 8}}, sample_batch=4, inception_batch=2,
         frechet_dim=64),
 }
@@ -203,7 +214,8 @@ def run_speed(s: Suite, device: torch.device, log) -> dict[str, Any]:
         for compiled in variants:
             log(f"speed: training steps of {model}{' (torch.compile)' if compiled else ''}")
             # compiled: flow matching and MeanFlow's default route only (compilation takes minutes per network)
-            methods = [m for m in s.train_methods if not compiled or m in ("flow_matching", "meanflow")]
+            methods = [m for m in s.model_methods.get(model, s.train_methods)
+                       if not compiled or m in ("flow_matching", "meanflow")]
             try:
                 rec["train_steps"] += speed.train_step_ratios(
                     model, kwargs, methods, batch_size=s.train_batch, rounds=s.train_rounds, warmup=2,
@@ -217,8 +229,8 @@ def run_speed(s: Suite, device: torch.device, log) -> dict[str, Any]:
                                                          precision=s.precision))
     log("speed: Inception features")
     rec["inception"] = speed.inception_throughput(batch_size=s.inception_batch, batches=3, device=device)
-    log("speed: Frechet distance (eigen route and scipy sqrtm)")
-    rec["frechet"] = speed.frechet_timing(dim=s.frechet_dim, with_scipy=True)
+    log("speed: Frechet distance (eigen route" + (" and scipy sqrtm)" if s.frechet_scipy else ")"))
+    rec["frechet"] = speed.frechet_timing(dim=s.frechet_dim, with_scipy=s.frechet_scipy)
     return rec
 
 

@@ -16,6 +16,13 @@ from selfe_cli.config import from_dict
 from selfe_cli.methods import METHODS, Method, build_method
 
 
+# The network options a method needs of the shared network in every benchmark part: iMF feeds omega and the
+# guidance interval to the network (new parameters; unguided at sampling here: omega = 1, the network's
+# default; without a v-head iMF runs its headless form, docs/methods.md); sCT's learned log-variance l(t) is a
+# head of the network (its weighting "auto" then takes the paper's weight).
+NETWORK_OPTIONS: dict[str, dict[str, Any]] = {"imf": {"guidance_embed": True}, "sct": {"logvar_channels": 128}}
+
+
 def get_method(name: str, overrides: dict[str, Any] | None = None) -> Method:
     """A method from its recipe name and ``method:`` overrides, validated like a recipe section."""
     if name not in METHODS:

@@ -10,6 +10,7 @@ independent true draws of the same size (what a perfect model would score).
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import get_method
+from benchmarks.common import NETWORK_OPTIONS, get_method
 from selfe_cli.data import collate
 from selfe_cli.data.toy2d import NUM_CLASSES, Toy2DDataset, sample_toy2d
 from selfe_cli.models.conditioning import ClassConditioner
@@ -100,16 +101,23 @@ class Toy2DBudget:
     methods: tuple[str, ...] = ("flow_matching", "meanflow", "selfe", "alphaflow", "imf", "tim", "sct", "ect", "shortcut", "imm")
     # Self-E's resolution shift is defined for latent token counts; on 2-D points every method samples t from
     # the same logit-normal(0, 1) as flow matching
-    # sCT's tangent warm-up and ECT's stages as their quickstarts place them in a 600-step run (a tenth of it; six
-    # stages) at the default 3,000 steps
-    method_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "selfe": {"time_shift": False}, "sct": {"tangent_warmup_steps": 300}, "ect": {"stage_steps": 500}})
-    # iMF feeds omega and the guidance interval to the network (new parameters; unguided here: omega = 1 at
-    # sampling, the network's default); the MLP has no v-head, so iMF runs its headless form (docs/methods.md).
-    # sCT's learned log-variance l(t) is a head of the network (its weighting "auto" then takes the paper's weight;
-    # the head draws nothing from the seeded stream, so the other initial weights stay those of every method)
-    model_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "imf": {"guidance_embed": True}, "sct": {"logvar_channels": 128}})
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: {"selfe": {"time_shift": False}})
+    # sCT's tangent warm-up and ECT's stages where their quickstarts place them, as shares of the run: the
+    # warm-up over the first tenth, six ECT stages (set from total_steps in train_one unless overridden above)
+    sct_warmup_fraction: float = 0.1
+    ect_stages: int = 6
+    # the network options a method needs (iMF's guidance inputs, sCT's log-variance head): common.NETWORK_OPTIONS
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(NETWORK_OPTIONS))
+
+
+def method_overrides(method_name: str, b: Toy2DBudget) -> dict[str, Any]:
+    """The budget's ``method:`` overrides, with sCT's warm-up and ECT's stage length scaled to ``total_steps``."""
+    out = dict(b.method_overrides.get(method_name, {}))
+    if method_name == "sct":
+        out.setdefault("tangent_warmup_steps", round(b.sct_warmup_fraction * b.total_steps))
+    if method_name == "ect":
+        out.setdefault("stage_steps", max(1, b.total_steps // b.ect_stages))
+    return out
 
 
 def _model_kwargs(b: Toy2DBudget) -> dict[str, Any]:
@@ -119,7 +127,7 @@ def _model_kwargs(b: Toy2DBudget) -> dict[str, Any]:
 
 def train_one(kind: str, method_name: str, b: Toy2DBudget, run_dir: Path, device: torch.device) -> tuple[Any, Any, float]:
     """Train ``method_name`` on ``kind`` with budget ``b``; returns (EMA network, method, seconds)."""
-    method = get_method(method_name, b.method_overrides.get(method_name, {}))
+    method = get_method(method_name, method_overrides(method_name, b))
     dataset = Toy2DDataset(kind, b.dataset_size, seed=b.seed)
     torch.manual_seed(b.seed)  # the same initial weights for every method (iMF's guidance embedder comes last)
     net = build_model("mlp", **_model_kwargs(b), **b.model_overrides.get(method_name, {}))

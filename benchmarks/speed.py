@@ -28,15 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import get_method, sync, timed_median
+from benchmarks.common import NETWORK_OPTIONS, get_method, sync, timed_median
 from selfe_cli.models.conditioning import ClassConditioner
 from selfe_cli.models.registry import build_model, count_parameters
 
 # Dense bf16 peaks (TFLOP/s) for the MFU estimate, by a substring of the CUDA device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
-# method specs: "name" or "name:key=value+key=value" (values parsed as YAML)
-TRAIN_METHODS = ("flow_matching", "meanflow", "meanflow:jvp_mode=two_pass", "selfe")
+# method specs: "name" or "name:key=value+key=value" (values parsed as YAML); flow matching first (the ratios'
+# base), then the three originals and MeanFlow's other JVP route, then the zoo. alpha-Flow's step costs what
+# its curriculum's phase asks: alpha in (0, 1) one extra no-grad forward (the discrete branch), alpha = 0 the
+# JVP (MeanFlow's engine); alpha = 1 is flow matching on the trajectory, not timed again.
+ORIGINAL_METHODS = ("flow_matching", "meanflow", "meanflow:jvp_mode=two_pass", "selfe")
+TRAIN_METHODS = ORIGINAL_METHODS + ("alphaflow:alpha=0.5", "alphaflow:alpha=0", "imf", "tim", "sct", "ect",
+                                    "shortcut", "imm")
 
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
@@ -107,12 +112,12 @@ def _rss_kib(field: str) -> int:
 def _cpu_peak_worker(model: str, kwargs: dict[str, Any], spec: str, batch_size: int, seed: int, queue: Any) -> None:
     """In a fresh process: build everything, reset the high-water mark, run one training step, report."""
     try:
+        name, overrides = parse_spec(spec)
         torch.manual_seed(seed)
-        net = build_model(model, **kwargs).train()
+        net = build_model(model, **kwargs, **NETWORK_OPTIONS.get(name, {})).train()
         x0 = torch.randn(batch_size, net.in_channels, net.sample_size, net.sample_size,
                          generator=torch.Generator().manual_seed(seed))
         cond, null = _conditions(net, batch_size, torch.device("cpu"))
-        name, overrides = parse_spec(spec)
         method = get_method(name, overrides)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         opt = torch.optim.Adam(net.parameters(), lr=1e-5, fused=True)
@@ -150,7 +155,10 @@ def cpu_step_peak_memory(model: str, kwargs: dict[str, Any], spec: str, *, batch
 def train_step_ratios(model: str, kwargs: dict[str, Any], methods: list[str], *, batch_size: int, rounds: int,
                       warmup: int, device: torch.device, precision: str = "fp32", compile: bool = False,
                       seed: int = 0, memory: bool = True) -> list[dict[str, Any]]:
-    """One row per method: median step time, ratio to the first method, FLOPs, achieved TFLOP/s, MFU."""
+    """One row per method: median step time, ratio to the first method, FLOPs, achieved TFLOP/s, MFU.
+
+    Every method trains a copy of the same initial network, plus the options it needs of it (iMF's guidance
+    inputs, sCT's log-variance head: ``common.NETWORK_OPTIONS``), which add a few small layers."""
     torch.manual_seed(seed)
     base = build_model(model, **kwargs).to(device)
     x0 = torch.randn(batch_size, base.in_channels, base.sample_size, base.sample_size,
@@ -160,8 +168,12 @@ def train_step_ratios(model: str, kwargs: dict[str, Any], methods: list[str], *,
     setups = []
     for spec in methods:
         name, overrides = parse_spec(spec)
-        net = copy.deepcopy(base).train()
-        ema = copy.deepcopy(base).eval().requires_grad_(False)
+        if NETWORK_OPTIONS.get(name):
+            torch.manual_seed(seed)
+            net = build_model(model, **kwargs, **NETWORK_OPTIONS[name]).to(device).train()
+        else:
+            net = copy.deepcopy(base).train()
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
         method = get_method(name, overrides)
         flops = count_step_flops(method, net, ema, x0, cond, null, device=device, precision=precision)
         setups.append({"spec": spec, "method": method, "net": net, "ema": ema,
@@ -203,7 +215,7 @@ def train_step_ratios(model: str, kwargs: dict[str, Any], methods: list[str], *,
     for s in setups:
         med = statistics.median(s["times"])
         achieved = s["flops"] / med / 1e12
-        rows.append({"model": model, "model_kwargs": kwargs, "params": count_parameters(base), "method": s["spec"],
+        rows.append({"model": model, "model_kwargs": kwargs, "params": count_parameters(s["net"]), "method": s["spec"],
                      "batch_size": batch_size, "precision": precision, "compile": compile,
                      "median_s": med, "ratio": med / base_time, "times_s": s["times"],
                      "flops_per_step": s["flops"], "achieved_tflops": achieved,
@@ -283,5 +295,5 @@ def frechet_timing(*, dim: int = 2048, with_scipy: bool = True) -> dict[str, Any
     return out
 
 
-__all__ = ["TRAIN_METHODS", "cpu_step_peak_memory", "frechet_timing", "inception_throughput", "parse_spec", "peak_tflops",
+__all__ = ["ORIGINAL_METHODS", "TRAIN_METHODS", "cpu_step_peak_memory", "frechet_timing", "inception_throughput", "parse_spec", "peak_tflops",
            "sampling_throughput", "scipy_frechet", "train_step_ratios"]

@@ -98,13 +98,26 @@ def test_the_suite_runs_end_to_end_and_writes_its_records(tmp_path):
     sp = record["parts"]["speed"]
     ratios = {r["method"]: r["ratio"] for r in sp["train_steps"]}
     assert ratios["flow_matching"] == 1.0 and set(ratios) == {"flow_matching", "meanflow", "meanflow:jvp_mode=two_pass",
-                                                              "selfe"}
+                                                              "selfe", "imf"}
     flops = {r["method"]: r["flops_per_step"] for r in sp["train_steps"]}
     # the JVP and Self-E's extra passes cost FLOPs that flow matching does not spend
-    assert 0 < flops["flow_matching"] < min(flops["meanflow"], flops["selfe"])
+    assert 0 < flops["flow_matching"] < min(flops["meanflow"], flops["selfe"], flops["imf"])
+    params = {r["method"]: r["params"] for r in sp["train_steps"]}
+    assert params["imf"] > params["flow_matching"] == params["meanflow"]  # iMF's guidance inputs (NETWORK_OPTIONS)
     assert sp["frechet"]["relative_difference"] < 1e-6 and sp["inception"]["images_per_second"] > 0
     md = out.with_suffix(".md").read_text()
     assert "training step vs flow matching" in md and "shapes GenEval overall" in md and "Command: `" in md
+
+
+def test_2d_schedules_follow_the_budget_length():
+    from benchmarks.quality2d import Toy2DBudget, method_overrides
+
+    assert method_overrides("sct", Toy2DBudget(total_steps=800)) == {"tangent_warmup_steps": 80}
+    assert method_overrides("ect", Toy2DBudget(total_steps=800)) == {"stage_steps": 133}
+    assert method_overrides("ect", Toy2DBudget(total_steps=3000)) == {"stage_steps": 500}
+    assert method_overrides("selfe", Toy2DBudget()) == {"time_shift": False}
+    b = Toy2DBudget(method_overrides={"sct": {"tangent_warmup_steps": 7}})
+    assert method_overrides("sct", b) == {"tangent_warmup_steps": 7}  # an explicit value wins
 
 
 def test_gpu_check_runs_its_code_paths_on_the_cpu(tmp_path):
