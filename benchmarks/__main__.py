@@ -73,13 +73,13 @@ _GPU_MODELS = {
 SUITES = {
     # The CPU suite: ten methods within about 15 minutes on 2 cores of the slower machine kind (AMD EPYC without
     # AVX-512). Budgets shrunk for that (docs/benchmarks.md): 2-D on the checkerboard only with a 128-wide MLP
-    # and 800 steps; shapes at 16 px, 250 steps of batch 16, 72 images per step count; the zoo's step
+    # and 700 steps; shapes at 16 px, 200 steps of batch 16, 72 images per step count; the zoo's step
     # ratios on the U-Net (the DiT keeps the originals'); scipy's sqrtm comparison left to the GPU suite.
     "cpu": lambda: Suite(
         name="cpu",
-        toy=quality2d.Toy2DBudget(total_steps=800, batch_size=256, width=128, eval_samples=4000, projections=300,
+        toy=quality2d.Toy2DBudget(total_steps=700, batch_size=256, width=128, eval_samples=4000, projections=300,
                                   steps=QUALITY_STEPS, datasets=("checkerboard",)),
-        shapes=shapes_quality.ShapesBudget(total_steps=250, batch_size=16, resolution=16, per_tag=6, n_per_prompt=2,
+        shapes=shapes_quality.ShapesBudget(total_steps=200, batch_size=16, resolution=16, per_tag=6, n_per_prompt=2,
                                            steps=QUALITY_STEPS),
         train_models={"unet": _CPU_UNET, "DiT-tiny/2": _CPU_DIT}, train_batch=32, train_rounds=5,
         model_methods={"DiT-tiny/2": speed.ORIGINAL_METHODS},
