@@ -21,6 +21,20 @@ def _has_dropout(rec, info) -> bool:  # noqa: ANN001
     return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
 
 
+def _skip_sigma_data_note(rec) -> str | None:  # noqa: ANN001
+    """--dry-run's line for ``model.skip_sigma_data: data`` (set, or the method's default): measured when a new run
+    starts, not now (no data is read for a dry run)."""
+    from selfe_cli.data.stats import STD_SAMPLE_SIZE
+    from selfe_cli.recipes.loader import MEASURED, SKIP_SIGMA_DATA_KEY
+    from selfe_cli.training.run import skip_sigma_data_setting
+
+    if skip_sigma_data_setting(rec) != MEASURED:
+        return None
+    origin = "" if SKIP_SIGMA_DATA_KEY in rec.model.kwargs else f" (the default for method {rec.method.name})"
+    return (f"model.skip_sigma_data: data{origin}: measured when training starts (the data's standard deviation "
+            f"over up to {STD_SAMPLE_SIZE} items; a started run reads the value its recipe.yaml records)")
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -69,6 +83,9 @@ def train(
         print(f"# model {rec.model.name}: {n_params / 1e6:.1f}M parameters{note}")
         if jvp_plan is not None:
             print(f"# jvp: {jvp_plan}")
+        note = _skip_sigma_data_note(rec)
+        if note:
+            print(f"# {note}")
         return
     from selfe_cli.training.run import train_recipe
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,30 @@ def _name(value: Any, key: str, known: list[str], what: str) -> str:
                       + f" (known: {', '.join(known)})")
 
 
+# The U-Net's input skip (V = c_skip(t) x_t + F): a number >= 0 (0: off) or "data" (the training data's standard
+# deviation, measured when a new run starts; see selfe_cli.training.run.resolve_skip_sigma_data).
+SKIP_SIGMA_DATA_KEY = "skip_sigma_data"
+MEASURED = "data"
+
+
+def skip_sigma_data_value(value: Any, path: str) -> float | str:
+    """``model.skip_sigma_data``: the string ``data``, or a finite number >= 0; anything else a ConfigError."""
+    if value == MEASURED and isinstance(value, str):
+        return MEASURED
+    expected = "a number >= 0 (0: off) or 'data' (the training data's standard deviation, measured)"
+    if isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-1" as a string
+        except ValueError:
+            hint = " (did you mean 'data'?)" if closest(value.lower(), [MEASURED]) else ""
+            raise ConfigError(path, f"expected {expected}, got {_describe(value)}{hint}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected {expected}, got {_describe(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(path, f"expected {expected}, got {_describe(value)}")
+    return float(value)
+
+
 def parse_recipe(raw: dict[str, Any], source: str, default_name: str = "run") -> Recipe:
     """Validate a raw recipe dict; errors name ``source`` and the key path.
 
@@ -155,7 +180,10 @@ def parse_recipe(raw: dict[str, Any], source: str, default_name: str = "run") ->
         for key, value in model_raw.items():
             if key not in schema:
                 raise ConfigError(f"model.{key}", unknown_key_message(str(key), list(schema)))
-            model_kwargs[key] = convert(value, schema[key][0], f"model.{key}")
+            if key == SKIP_SIGMA_DATA_KEY:
+                model_kwargs[key] = skip_sigma_data_value(value, f"model.{key}")
+            else:
+                model_kwargs[key] = convert(value, schema[key][0], f"model.{key}")
     except ConfigError as err:
         raise err.with_source(source) from None
     return Recipe(run=run, model=ModelSpec(model_name, model_kwargs), data=data,

@@ -64,6 +64,15 @@ def broadcast_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def broadcast_float(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` (float64, NaN included) on every rank (the value itself without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def all_reduce_mean(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
     """Mean over ranks of scalar metrics, in one collective."""
     keys = sorted(values)

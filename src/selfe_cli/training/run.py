@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -13,8 +15,8 @@ import torch
 import yaml
 
 from selfe_cli.errors import UserError
-from selfe_cli.recipes.loader import dump_recipe, load_resolved, recipe_to_dict
-from selfe_cli.recipes.schema import Recipe
+from selfe_cli.recipes.loader import MEASURED, SKIP_SIGMA_DATA_KEY, dump_recipe, load_resolved, recipe_to_dict
+from selfe_cli.recipes.schema import ModelSpec, Recipe
 
 # Keys that may change between the first run and a resumed one (they do not change the result).
 RESUMABLE_CHANGES = {
@@ -26,6 +28,13 @@ RESUMABLE_CHANGES = {
     ("train", "init_from"), ("train", "init_weights"),  # they start a new run only; a resume never re-reads them
 }
 
+# Methods whose network measures its input skip from the data (``model.skip_sigma_data: data``) when the recipe
+# leaves the key out; every other method (flow_matching) keeps the network's default (0: off). Only networks with
+# the option (the U-Nets) are concerned; the others are left as they are. The one place this default is decided.
+MEASURED_SKIP_METHODS: tuple[str, ...] = (
+    "meanflow", "selfe", "alphaflow", "imf", "sct", "ect", "shortcut", "imm", "tim",
+)
+
 
 def model_kwargs(recipe: Recipe, info: Any) -> dict[str, Any]:
     """The recipe's model kwargs, completed from the dataset where the recipe leaves them out."""
@@ -33,6 +42,8 @@ def model_kwargs(recipe: Recipe, info: Any) -> dict[str, Any]:
 
     schema = model_schema(recipe.model.name)
     kwargs = dict(recipe.model.kwargs)
+    if kwargs.get(SKIP_SIGMA_DATA_KEY) == MEASURED:  # not measured yet (checks on the meta device, --dry-run):
+        kwargs[SKIP_SIGMA_DATA_KEY] = 1.0  # any value > 0 builds the same tensors; build_network needs the number
     if info is None:  # data not available (e.g. --dry-run before encoding latents): the recipe's values only
         return kwargs
     derived = {"in_channels": info.channels, "sample_size": info.resolution}
@@ -49,8 +60,76 @@ def model_kwargs(recipe: Recipe, info: Any) -> dict[str, Any]:
 def build_network(recipe: Recipe, info: Any) -> torch.nn.Module:
     from selfe_cli.models.registry import build_model
 
+    if recipe.model.kwargs.get(SKIP_SIGMA_DATA_KEY) == MEASURED:
+        raise RuntimeError("model.skip_sigma_data: data is measured by resolve_skip_sigma_data before the network "
+                           "is built")
     torch.manual_seed(recipe.run.seed)  # identical initialisation on every rank
     return build_model(recipe.model.name, **model_kwargs(recipe, info))
+
+
+def skip_sigma_data_setting(recipe: Recipe) -> float | str | None:
+    """What ``model.skip_sigma_data`` asks for: the recipe's own value, else ``"data"`` for a method in
+    ``MEASURED_SKIP_METHODS``; None where the network has no such option or keeps its default (0: off)."""
+    from selfe_cli.models.registry import model_schema
+
+    if SKIP_SIGMA_DATA_KEY not in model_schema(recipe.model.name):
+        return None
+    if SKIP_SIGMA_DATA_KEY in recipe.model.kwargs:
+        return recipe.model.kwargs[SKIP_SIGMA_DATA_KEY]
+    return MEASURED if recipe.method.name in MEASURED_SKIP_METHODS else None
+
+
+def _recorded_skip_sigma_data(run_dir: Path) -> tuple[bool, Any]:
+    """``(started, value)``: whether ``run_dir`` holds the recipe of a run already started, and the
+    ``model.skip_sigma_data`` it records (None where it has none: a run started before the key existed)."""
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        return False, None
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return True, model.get(SKIP_SIGMA_DATA_KEY) if isinstance(model, dict) else None
+
+
+def _describe_data(data: Any) -> str:
+    return f"{data.name} {data.root}" if getattr(data, "root", None) else str(data.name)
+
+
+def resolve_skip_sigma_data(recipe: Recipe, dataset: Any, run_dir: Path, dist: Any) -> tuple[Recipe, str | None]:
+    """The recipe with ``model.skip_sigma_data: data`` (set, or the method's default) replaced by a number, and the
+    line to log (None if nothing was resolved).
+
+    A new run measures the training data's standard deviation (``selfe_cli.data.stats.data_std``: a fixed, seeded
+    sample of at most 1024 items), rounded to 4 significant digits: that number builds the network and is what
+    the run directory's ``recipe.yaml`` (and so ``final/config.json``) records. A started run (its ``recipe.yaml``
+    exists) is never measured again: the recorded value is used, so a resume is bit-exact; a run started before
+    the key existed records none and keeps the network's default (0). Rank 0 decides and broadcasts the value,
+    so every rank of a torchrun builds the same network.
+    """
+    from selfe_cli.training.distributed import broadcast_float
+
+    if skip_sigma_data_setting(recipe) != MEASURED:
+        return recipe, None
+    value, note = math.nan, None  # NaN: leave the recipe as it is
+    if dist.is_main:
+        started, recorded = _recorded_skip_sigma_data(run_dir)
+        if not started:
+            from selfe_cli.data.stats import data_std
+
+            try:
+                std, n = data_std(dataset)
+            except UserError as err:
+                raise UserError(f"{recipe.source}: {err}") from None
+            value = float(f"{std:.4g}")
+            kind = "latents" if getattr(dataset.info, "is_latent", False) else "images"
+            note = f"skip_sigma_data = {value:.4g}, measured over {n} {kind} of {_describe_data(recipe.data)}"
+        elif isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+            value = float(recorded)
+            note = f"skip_sigma_data = {value:.6g}, as recorded in {run_dir / 'recipe.yaml'} (not measured again)"
+    value = broadcast_float(value, dist.device)
+    if math.isnan(value):  # a run started without the key: its recipe decides (absent: 0; `data`: refused below)
+        return recipe, None
+    kwargs = {**recipe.model.kwargs, SKIP_SIGMA_DATA_KEY: value}
+    return dataclasses.replace(recipe, model=ModelSpec(recipe.model.name, kwargs)), note
 
 
 def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -113,6 +192,9 @@ def train_recipe(recipe: Recipe, *, progress: bool = True, device: str | None = 
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         info = dataset.info
+        recipe, skip_note = resolve_skip_sigma_data(recipe, dataset, run_dir, dist)
+        if skip_note and dist.is_main:
+            print(skip_note, flush=True)
         if dist.is_main:
             check_resume_compatible(run_dir, recipe)
             check_init_from(recipe, info, run_dir)  # a new run's train.init_from, before anything is written
