@@ -10,12 +10,9 @@ log-variance weight (l(t) from the network's head, read off the same DDP forward
 from __future__ import annotations
 
 import copy
-import os
-import traceback
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_check import WORLD, assert_all_reduced, grads, run_on_two_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfe_cli.methods.alphaflow import AlphaFlow, alphaflow_config
@@ -23,7 +20,6 @@ from selfe_cli.methods.imf import IMF, imf_config
 from selfe_cli.methods.sct import SCT, sct_config
 from selfe_cli.models.registry import build_model
 
-WORLD = 2
 N = 8
 NUM_CLASSES = 3
 
@@ -79,43 +75,20 @@ def _loss(method, cfg, net, batch):
     return AlphaFlow(alphaflow_config(**cfg)).loss_from(net, x0, eps, t, r, cfg["alpha"], cond, null, dropped).loss
 
 
-def _grads(net: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() for p in net.parameters()]
-
-
-def _worker(rank: int, init_file: str, error_file: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        batch = _global_batch()
-        half = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
-        local = [b[half] for b in batch]
-        for name, (method, cfg, ddp_kwargs) in CASES.items():
-            base = _net(method)
-            ref = copy.deepcopy(base)
-            _loss(method, cfg, ref, batch).backward()
-            alone = copy.deepcopy(base)
-            _loss(method, cfg, alone, local).backward()
-            ddp = DDP(copy.deepcopy(base), **ddp_kwargs)
-            _loss(method, cfg, ddp, local).backward()
-            got, want, unsynced = _grads(ddp.module), _grads(ref), _grads(alone)
-            assert len(got) == len(want) > 0
-            for g, w in zip(got, want, strict=True):
-                torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
-            assert any(not torch.allclose(u, w) for u, w in zip(unsynced, want, strict=True)), name
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(f"{error_file}.{rank}", "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
+def _rank_body(rank: int) -> None:
+    batch = _global_batch()
+    half = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+    local = [b[half] for b in batch]
+    for name, (method, cfg, ddp_kwargs) in CASES.items():
+        base = _net(method)
+        ref = copy.deepcopy(base)
+        _loss(method, cfg, ref, batch).backward()
+        alone = copy.deepcopy(base)
+        _loss(method, cfg, alone, local).backward()
+        ddp = DDP(copy.deepcopy(base), **ddp_kwargs)
+        _loss(method, cfg, ddp, local).backward()
+        assert_all_reduced(name, grads(ddp.module), grads(ref), grads(alone))
 
 
 def test_ddp_gradients_equal_single_process_global_batch(tmp_path):
-    init_file = str(tmp_path / "init")
-    error_file = str(tmp_path / "error")
-    try:
-        mp.spawn(_worker, args=(init_file, error_file), nprocs=WORLD, join=True)
-    except Exception:
-        reports = [open(f"{error_file}.{r}").read() for r in range(WORLD) if os.path.exists(f"{error_file}.{r}")]
-        raise AssertionError("\n".join(reports) or "a DDP worker died") from None
+    run_on_two_ranks(_rank_body, tmp_path)

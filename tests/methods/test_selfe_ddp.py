@@ -12,18 +12,14 @@ collectives (a hang would time the test out).
 from __future__ import annotations
 
 import copy
-import os
-import traceback
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_check import WORLD, grads, run_on_two_ranks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from selfe_cli.methods.selfe import SelfE, SelfEConfig
 from selfe_cli.models.registry import build_model
 
-WORLD = 2
 N = 6  # per rank
 NUM_CLASSES = 3
 MODES = {
@@ -54,48 +50,32 @@ def _grad(method: SelfE, net: torch.nn.Module, ema: torch.nn.Module, rank: int) 
     torch.manual_seed(rank)
     out = method.loss(net, x0, cond, null_cond=null, step=50, total_steps=100, ema_net=ema, fake_cond=fake)
     out.loss.backward()
-    mod = net.module if isinstance(net, DDP) else net
-    return [p.grad.detach().clone() for p in mod.parameters()]
+    return grads(net.module if isinstance(net, DDP) else net)
 
 
-def _worker(rank: int, init_file: str, error_file: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-        base = _net()
-        ema = copy.deepcopy(base)
-        with torch.no_grad():
-            for p in ema.parameters():
-                p.mul_(0.9)
-        for name, overrides in MODES.items():
-            method = SelfE(SelfEConfig(**overrides))
-            refs = [_grad(method, copy.deepcopy(base), ema, r) for r in range(WORLD)]
-            ddp = DDP(copy.deepcopy(base))
-            calls: list[bool] = []
+def _rank_body(rank: int) -> None:
+    base = _net()
+    ema = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.9)
+    for name, overrides in MODES.items():
+        method = SelfE(SelfEConfig(**overrides))
+        refs = [_grad(method, copy.deepcopy(base), ema, r) for r in range(WORLD)]
+        ddp = DDP(copy.deepcopy(base))
+        calls: list[bool] = []
 
-            def count(module, args, out, calls=calls):
-                calls.append(torch.is_grad_enabled())
+        def count(module, args, out, calls=calls):
+            calls.append(torch.is_grad_enabled())
 
-            hook = ddp.module.register_forward_hook(count)
-            got = _grad(method, ddp, ema, rank)
-            hook.remove()
-            assert sum(calls) == 1, f"{name}: {sum(calls)} forwards with grad under DDP"
-            for g, a, b in zip(got, refs[0], refs[1], strict=True):
-                torch.testing.assert_close(g, (a + b) / 2, atol=1e-10, rtol=1e-8,
-                                           msg=lambda m, n=name: f"{n}: {m}")
-            assert any(not torch.allclose(g, own) for g, own in zip(got, refs[rank], strict=True)), name
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(f"{error_file}.{rank}", "w") as fh:
-            fh.write(traceback.format_exc())
-        raise
+        hook = ddp.module.register_forward_hook(count)
+        got = _grad(method, ddp, ema, rank)
+        hook.remove()
+        assert sum(calls) == 1, f"{name}: {sum(calls)} forwards with grad under DDP"
+        for g, a, b in zip(got, refs[0], refs[1], strict=True):
+            torch.testing.assert_close(g, (a + b) / 2, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+        assert any(not torch.allclose(g, own) for g, own in zip(got, refs[rank], strict=True)), name
 
 
 def test_ddp_gradients_are_averaged_over_ranks(tmp_path):
-    init_file, error_file = str(tmp_path / "init"), str(tmp_path / "error")
-    try:
-        mp.spawn(_worker, args=(init_file, error_file), nprocs=WORLD, join=True)
-    except Exception:
-        reports = [open(f"{error_file}.{r}").read() for r in range(WORLD) if os.path.exists(f"{error_file}.{r}")]
-        raise AssertionError("\n".join(reports) or "a DDP worker died") from None
+    run_on_two_ranks(_rank_body, tmp_path)
