@@ -15,7 +15,6 @@ import torch
 from selfe_cli.config import from_dict
 from selfe_cli.methods import METHODS, Method, build_method
 
-
 # The network options a method needs of the shared network in every benchmark part: iMF feeds omega and the
 # guidance interval to the network (new parameters; unguided at sampling here: omega = 1, the network's
 # default; without a v-head iMF runs its headless form, docs/methods.md); sCT's learned log-variance l(t) is a

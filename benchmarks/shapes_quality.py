@@ -29,7 +29,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import NETWORK_OPTIONS
 from selfe_cli.errors import UserError
+
+NETWORK_OPTION_KEYS = sorted({key for options in NETWORK_OPTIONS.values() for key in options})
 
 QUICKSTARTS = {"flow_matching": "quickstart", "meanflow": "quickstart_meanflow", "selfe": "quickstart_selfe",
                "alphaflow": "quickstart_alphaflow", "imf": "quickstart_imf", "tim": "quickstart_tim",
@@ -69,8 +72,9 @@ def budget_recipes(b: ShapesBudget, runs_root: Path) -> dict[str, Any]:
         raw = copy.deepcopy(read_yaml(path))
         recipe_steps = int(raw["train"]["total_steps"])
         if b.same_network:
-            # options a method needs of the network: iMF's guidance inputs, sCT's log-variance head
-            needs = {key: raw["model"][key] for key in ("guidance_embed", "logvar_channels") if key in raw["model"]}
+            # options a method needs of the network (iMF's guidance inputs, sCT's log-variance head), as the
+            # recipe sets them
+            needs = {key: raw["model"][key] for key in NETWORK_OPTION_KEYS if key in raw["model"]}
             raw["model"] = copy.deepcopy(base["model"])
             raw["train"] = copy.deepcopy(base["train"])
             raw["model"].update(needs)

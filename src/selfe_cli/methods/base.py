@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,19 @@ def unwrap(net: nn.Module) -> nn.Module:
             net = net._orig_mod
         else:
             return net
+
+
+@contextlib.contextmanager
+def capture_sink(net: nn.Module, attr: str) -> Iterator[list]:
+    """Collect what the bare network reports into its list attribute ``attr`` (``v_sink``, ``logvar_sink``:
+    ``(grad enabled, tensor)`` per forward) during the calls inside; the attribute is reset to None after."""
+    bare = unwrap(net)
+    sink: list = []
+    setattr(bare, attr, sink)
+    try:
+        yield sink
+    finally:
+        setattr(bare, attr, None)
 
 
 def is_sharded(net: nn.Module) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfe_cli.methods.base import LossOutput, Method, unwrap
+from selfe_cli.methods.base import LossOutput, Method, capture_sink, unwrap
 from selfe_cli.methods.configs import IMFConfig, IMFGuidanceConfig, MeanFlowConfig
 from selfe_cli.methods.jvp import as_jvp_input, jvp_precision, two_time_jvp
 from selfe_cli.methods.meanflow import MeanFlow, adaptive_weight
@@ -87,16 +87,9 @@ def output_head(net: nn.Module, head: str) -> Iterator[None]:
         bare.output_head = old
 
 
-@contextlib.contextmanager
-def capture_v(net: nn.Module) -> Iterator[list]:
+def capture_v(net: nn.Module) -> contextlib.AbstractContextManager[list]:
     """Collect the v-head outputs of the forwards inside (``(grad enabled, tensor)`` per call)."""
-    bare = unwrap(net)
-    sink: list = []
-    bare.v_sink = sink
-    try:
-        yield sink
-    finally:
-        bare.v_sink = None
+    return capture_sink(net, "v_sink")
 
 
 def has_v_head(net: nn.Module) -> bool:

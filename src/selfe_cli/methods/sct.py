@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from selfe_cli.methods.base import LossOutput, Method, drop_condition, unwrap
+from selfe_cli.methods.base import LossOutput, Method, capture_sink, drop_condition, unwrap
 from selfe_cli.methods.configs import MeanFlowConfig, SCTConfig
 from selfe_cli.methods.jvp import two_time_jvp
 from selfe_cli.methods.meanflow import MeanFlow, adaptive_weight
@@ -55,16 +54,9 @@ def has_logvar_head(net: nn.Module) -> bool:
     return bool(getattr(unwrap(net), "has_logvar_head", False))
 
 
-@contextlib.contextmanager
-def capture_logvar(net: nn.Module) -> Iterator[list]:
+def capture_logvar(net: nn.Module) -> contextlib.AbstractContextManager[list]:
     """Collect the log-variance ``l(t)`` of the forwards inside (``(grad enabled, tensor)`` per call)."""
-    bare = unwrap(net)
-    sink: list = []
-    bare.logvar_sink = sink
-    try:
-        yield sink
-    finally:
-        bare.logvar_sink = None
+    return capture_sink(net, "logvar_sink")
 
 
 def logvar_of(sink: list, n: int) -> torch.Tensor | None:
@@ -127,8 +119,9 @@ class SCT(Method):
         logvar = None
         if use_logvar:  # the paper's weight: e^{-l(t)} ||delta||^2 / D + l(t)
             logvar = logvar_of(sink, z.shape[0])
-            if logvar is None:  # no forward of this grad mode reported it: evaluate the head directly
-                logvar = unwrap(net).logvar_head(t)
+            if logvar is None:  # evaluating the head here, outside the (DDP) forward, would skip its all-reduce
+                raise RuntimeError("sct: the network's forwards did not report l(t) for every row (a network whose "
+                                   "forward does not end with TwoTimeModel._finish)")
             logvar = logvar.to(work)
             loss = logvar_loss(delta.pow(2).flatten(1).mean(1), logvar)
         else:

@@ -268,16 +268,12 @@ def check_method_model(method: str, model: str, kwargs: dict[str, Any], method_c
         return
     if method != "imf":
         return
-    import inspect
-
     from selfe_cli.models.registry import MODELS
 
     factory = MODELS[model]
     if getattr(getattr(factory, "model_class", factory), "guidance_inputs", False):
         return
-    params = inspect.signature(factory).parameters
-    value = kwargs.get("guidance_embed", getattr(factory, "fixed", {}).get(
-        "guidance_embed", params["guidance_embed"].default if "guidance_embed" in params else None))
+    value = _model_option(model, kwargs, "guidance_embed")
     if value is None:
         raise ConfigError("model.name", f"method imf needs a network that takes guidance conditions "
                                         f"(guidance_embed); {model} has none")

@@ -55,22 +55,24 @@ def all_reduce_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def broadcast_int(value: int, device: torch.device) -> int:
-    """Rank 0's ``value`` on every rank (the value itself without torchrun)."""
+def _broadcast(value: float, dtype: torch.dtype, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank, through a one-element tensor of ``dtype`` (the value itself without
+    torchrun)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
+    t = torch.tensor([value], dtype=dtype, device=device)
     dist.broadcast(t, src=0)
-    return int(t.item())
+    return t.item()
+
+
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (the value itself without torchrun)."""
+    return int(_broadcast(value, torch.long, device))
 
 
 def broadcast_float(value: float, device: torch.device) -> float:
     """Rank 0's ``value`` (float64, NaN included) on every rank (the value itself without torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
+    return float(_broadcast(value, torch.float64, device))
 
 
 def all_reduce_mean(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:

@@ -79,14 +79,22 @@ def skip_sigma_data_setting(recipe: Recipe) -> float | str | None:
     return MEASURED if recipe.method.name in MEASURED_SKIP_METHODS else None
 
 
+def _saved_recipe(run_dir: Path) -> dict[str, Any] | None:
+    """The raw recipe a started run recorded (``run_dir/recipe.yaml``), or None for a new run."""
+    saved_path = run_dir / "recipe.yaml"
+    if not saved_path.is_file():
+        return None
+    saved = yaml.safe_load(saved_path.read_text())
+    return saved if isinstance(saved, dict) else {}
+
+
 def _recorded_skip_sigma_data(run_dir: Path) -> tuple[bool, Any]:
     """``(started, value)``: whether ``run_dir`` holds the recipe of a run already started, and the
     ``model.skip_sigma_data`` it records (None where it has none: a run started before the key existed)."""
-    saved_path = run_dir / "recipe.yaml"
-    if not saved_path.is_file():
+    saved = _saved_recipe(run_dir)
+    if saved is None:
         return False, None
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    model = saved.get("model") if isinstance(saved, dict) else None
+    model = saved.get("model")
     return True, model.get(SKIP_SIGMA_DATA_KEY) if isinstance(model, dict) else None
 
 
@@ -142,10 +150,10 @@ def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
 
 
 def check_resume_compatible(run_dir: Path, recipe: Recipe) -> None:
-    saved_path = run_dir / "recipe.yaml"
-    if not saved_path.is_file():
+    saved = _saved_recipe(run_dir)
+    if saved is None:
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved_path = run_dir / "recipe.yaml"
     current = yaml.safe_load(dump_recipe(recipe))
     changed = [p for p in _diff(saved, current) if p[:2] not in RESUMABLE_CHANGES and p[:1] != ("sample",)]
     if changed:
